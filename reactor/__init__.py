@@ -1,0 +1,1 @@
+"""reactor: turns inbound leads into worked sales opportunities in Twenty CRM, by reacting to events."""

@@ -1,0 +1,5 @@
+import sys
+
+from reactor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,45 @@
+"""API keys of lead sources: `X-API-Key: <key>` or `Authorization: Bearer <key>`, compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+
+from pydantic import SecretStr
+from starlette.requests import Request
+
+from reactor.errors import Unauthenticated
+
+
+def _digest(value: str) -> bytes:
+    # Equal-length inputs for compare_digest, so a key's length does not leak through timing either.
+    return hashlib.sha256(value.encode()).digest()
+
+
+def presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def authenticate(request: Request, keys: Mapping[str, SecretStr]) -> str:
+    """Return the source name whose key the request carries, or raise Unauthenticated (401).
+
+    Every configured key is compared, whichever matches, so the time taken does not tell which one did.
+    """
+    presented = presented_key(request)
+    if presented is None:
+        raise Unauthenticated("missing API key: send X-API-Key or Authorization: Bearer")
+    offered = _digest(presented)
+    source = None
+    for name, key in keys.items():
+        if hmac.compare_digest(offered, _digest(key.get_secret_value())):
+            source = name
+    if source is None:
+        raise Unauthenticated("invalid API key")
+    return source

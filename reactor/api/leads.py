@@ -1,0 +1,96 @@
+"""Lead routes: POST /leads, GET /leads, GET /leads/search, GET /leads/{lead_id}. All need a source's API key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from reactor import intake
+from reactor.api.auth import authenticate
+from reactor.api.inputs import int_param, read_json, text_param
+from reactor.errors import InvalidInput, LeadNotFound
+from reactor.models import LeadAccepted, LeadIn, LeadList, LeadPage
+from reactor.normalize import normalize_email, normalize_phone
+from reactor.resources import Resources
+
+MAX_PAGE = 200
+MAX_SEARCH = 50
+
+
+def _resources(request: Request) -> Resources:
+    resources: Resources = request.state.resources
+    return resources
+
+
+def _json(model: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"), status_code=status)
+
+
+async def create_lead(request: Request) -> JSONResponse:
+    res = _resources(request)
+    api_source = authenticate(request, res.settings.lead_api_keys)
+    payload = await read_json(request)
+    if not isinstance(payload, dict):
+        raise InvalidInput.field("(body)", "must be a JSON object")
+    try:
+        lead = LeadIn.model_validate(payload, context={"phone_region": res.settings.default_phone_region})
+    except ValidationError as exc:
+        raise InvalidInput.from_validation(exc) from None
+    result = await intake.submit(res.db, lead, api_source=api_source, payload=payload)
+    status = "created" if result.created else "existing"
+    return _json(LeadAccepted(status=status, lead_id=result.lead_id), 201 if result.created else 200)
+
+
+async def list_leads(request: Request) -> JSONResponse:
+    res = _resources(request)
+    authenticate(request, res.settings.lead_api_keys)
+    limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
+    try:
+        leads, next_cursor = await intake.page(res.db, limit=limit, cursor=text_param(request, "cursor"))
+    except ValueError as exc:
+        raise InvalidInput.field("cursor", str(exc)) from None
+    return _json(LeadPage(leads=leads, next_cursor=next_cursor))
+
+
+async def search_leads(request: Request) -> JSONResponse:
+    res = _resources(request)
+    authenticate(request, res.settings.lead_api_keys)
+    email, phone, name = (text_param(request, key) for key in ("email", "phone", "name"))
+    if not (email or phone or name):
+        raise InvalidInput.field("(query)", "give at least one of email, phone or name")
+    problems = []
+    try:
+        email = normalize_email(email) if email else None
+    except ValueError as exc:
+        problems.append({"field": "email", "message": str(exc)})
+    try:
+        phone = normalize_phone(phone, res.settings.default_phone_region) if phone else None
+    except ValueError as exc:
+        problems.append({"field": "phone", "message": str(exc)})
+    if problems:
+        raise InvalidInput(problems)
+    limit = int_param(request, "limit", default=MAX_SEARCH, low=1, high=MAX_SEARCH)
+    leads = await intake.search(res.db, email=email, phone=phone, name=name, limit=limit)
+    return _json(LeadList(leads=leads))
+
+
+async def get_lead(request: Request) -> JSONResponse:
+    res = _resources(request)
+    authenticate(request, res.settings.lead_api_keys)
+    lead_id = request.path_params["lead_id"]
+    lead = await intake.get(res.db, lead_id)
+    if lead is None:
+        raise LeadNotFound(f"no lead with id {lead_id!r}")
+    return _json(lead)
+
+
+routes = [
+    Route("/leads", create_lead, methods=["POST"]),
+    Route("/leads", list_leads, methods=["GET"]),
+    Route("/leads/search", search_leads, methods=["GET"]),
+    Route("/leads/{lead_id}", get_lead, methods=["GET"]),
+]

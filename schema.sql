@@ -1,0 +1,64 @@
+-- reactor's schema. Idempotent: `reactor migrate` runs it whole, under an advisory lock, as often as it likes.
+-- Additive changes only: a new column is `ADD COLUMN IF NOT EXISTS`, never a rewrite of a CREATE TABLE.
+
+CREATE TABLE IF NOT EXISTS leads (
+    lead_id            text PRIMARY KEY,            -- the source's own id, or one reactor generated
+    seq                bigserial NOT NULL UNIQUE,   -- arrival order: the cursor of GET /leads
+    email              text UNIQUE,                 -- normalised: trimmed, lowercased
+    phone              text UNIQUE,                 -- normalised: E.164
+    first_name         text,
+    last_name          text,
+    street             text,
+    city               text,
+    state              text,
+    postal_code        text,
+    country            text,
+    vehicle_make       text,
+    vehicle_model      text,
+    vehicle_year       integer,
+    employer           text,
+    job_title          text,
+    employment_status  text,
+    years_employed     numeric,
+    salary_min         numeric,
+    salary_max         numeric,
+    current_credit     numeric,
+    consent            boolean,
+    source             text,                        -- attribution as the payload gave it
+    api_source         text NOT NULL,               -- the LEAD_API_KEYS source whose key posted it first
+    utm_source         text,
+    utm_medium         text,
+    utm_campaign       text,
+    utm_term           text,
+    utm_content        text,
+    raw                jsonb NOT NULL DEFAULT '{}', -- fields the schema does not know, verbatim
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    last_seen_at       timestamptz NOT NULL DEFAULT now(),
+    submission_count   integer NOT NULL DEFAULT 1,
+    -- CRM state, written by the sync jobs.
+    crm_person_id      text,
+    crm_synced         boolean NOT NULL DEFAULT false,
+    crm_synced_at      timestamptz,
+    suppressed         boolean NOT NULL DEFAULT false,
+    sync_attempts      integer NOT NULL DEFAULT 0,
+    last_sync_error    text,
+    CONSTRAINT leads_contact_required CHECK (email IS NOT NULL OR phone IS NOT NULL)
+);
+
+CREATE INDEX IF NOT EXISTS leads_first_name_ci ON leads (lower(first_name));
+CREATE INDEX IF NOT EXISTS leads_last_name_ci ON leads (lower(last_name));
+CREATE INDEX IF NOT EXISTS leads_full_name_ci ON leads (lower(first_name || ' ' || last_name));
+CREATE INDEX IF NOT EXISTS leads_unsynced ON leads (seq) WHERE NOT crm_synced AND NOT suppressed;
+
+-- Every accepted POST, verbatim: whatever the merge into `leads` could not keep (a second email for a person
+-- already known by phone, say) is still here.
+CREATE TABLE IF NOT EXISTS lead_submissions (
+    id           bigserial PRIMARY KEY,
+    lead_id      text NOT NULL REFERENCES leads (lead_id),
+    api_source   text NOT NULL,
+    outcome      text NOT NULL CHECK (outcome IN ('created', 'existing')),
+    payload      jsonb NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS lead_submissions_lead ON lead_submissions (lead_id);

