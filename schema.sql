@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS leads (
     CONSTRAINT leads_contact_required CHECK (email IS NOT NULL OR phone IS NOT NULL)
 );
 
+-- Sync leases and give-ups (added with the Twenty sync).
+ALTER TABLE leads ADD COLUMN IF NOT EXISTS sync_claimed_until timestamptz;  -- a worker's lease on the lead
+ALTER TABLE leads ADD COLUMN IF NOT EXISTS sync_gave_up_at timestamptz;     -- Twenty rejected it; replay retries
+
 CREATE INDEX IF NOT EXISTS leads_first_name_ci ON leads (lower(first_name));
 CREATE INDEX IF NOT EXISTS leads_last_name_ci ON leads (lower(last_name));
 CREATE INDEX IF NOT EXISTS leads_full_name_ci ON leads (lower(first_name || ' ' || last_name));
@@ -62,3 +66,17 @@ CREATE TABLE IF NOT EXISTS lead_submissions (
 );
 
 CREATE INDEX IF NOT EXISTS lead_submissions_lead ON lead_submissions (lead_id);
+
+-- Jobs that failed for good (a rejected request, or every retry spent); `reactor replay` re-enqueues them.
+CREATE TABLE IF NOT EXISTS failed_jobs (
+    id           bigserial PRIMARY KEY,
+    job_name     text NOT NULL,
+    job_id       text,
+    args         jsonb NOT NULL DEFAULT '[]',
+    error        text NOT NULL,
+    attempts     integer NOT NULL,
+    failed_at    timestamptz NOT NULL DEFAULT now(),
+    replayed_at  timestamptz
+);
+
+CREATE INDEX IF NOT EXISTS failed_jobs_pending ON failed_jobs (failed_at) WHERE replayed_at IS NULL;

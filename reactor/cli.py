@@ -1,4 +1,5 @@
-"""The `reactor` command: web | migrate | dev. Loads Settings once; a bad configuration exits with status 2."""
+"""The `reactor` command: web | worker | migrate | replay | dev. Loads Settings once; a bad configuration exits
+with status 2."""
 
 from __future__ import annotations
 
@@ -52,13 +53,43 @@ def run_migrate(settings: Settings) -> None:
     log.info("migrate.done")
 
 
+def run_worker(settings: Settings) -> int:
+    if not (settings.twenty_rest_url and settings.twenty_rest_token):
+        print(
+            "reactor: invalid configuration:\n  TWENTY_REST_URL, TWENTY_REST_TOKEN: required by the worker",
+            file=sys.stderr,
+        )
+        return 2
+    from reactor import worker
+
+    asyncio.run(worker.run(settings))
+    return 0
+
+
+async def _replay(settings: Settings, job_name: str | None, failed_id: int | None) -> int:
+    from reactor import deadletters
+    from reactor.resources import open_resources
+
+    async with open_resources(settings) as res:
+        replayed = await deadletters.replay(res.db, res.redis, job_name=job_name, failed_id=failed_id)
+    for item in replayed:
+        state = "enqueued" if item.enqueued else "already queued"
+        print(f"{item.failed_id}\t{item.job_name}\t{item.job_id or '-'}\t{state}")
+    print(f"replayed {len(replayed)} dead letter(s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reactor", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     web = commands.add_parser("web", help="serve the HTTP API (uvicorn)")
     web.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))  # noqa: S104 - a server binds all
     web.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
+    commands.add_parser("worker", help="run the arq worker (sync jobs, the backlog sweep)")
     commands.add_parser("migrate", help="apply schema.sql (idempotent)")
+    replay = commands.add_parser("replay", help="re-enqueue jobs that failed for good (GET /jobs/failed)")
+    replay.add_argument("--job", help="only dead letters of this job name, e.g. sync_lead")
+    replay.add_argument("--id", type=int, help="only this dead letter (its id in GET /jobs/failed)")
     dev = commands.add_parser("dev", help="run everything locally: databases, migrations, web")
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
     args = parser.parse_args(argv)
@@ -77,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(settings.log_level)
     if args.command == "web":
         run_web(settings, args.host, args.port)
+    elif args.command == "worker":
+        return run_worker(settings)
     elif args.command == "migrate":
         run_migrate(settings)
+    elif args.command == "replay":
+        return asyncio.run(_replay(settings, args.job, args.id))
     return 0

@@ -38,6 +38,10 @@ class LeadNotFound(ReactorError):
     status, code = 404, "lead_not_found"
 
 
+class JobNotFound(ReactorError):
+    status, code = 404, "job_not_found"
+
+
 class PayloadTooLarge(ReactorError):
     status, code = 413, "payload_too_large"
 

@@ -3,29 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
 
 from reactor.db import create_pool
+from reactor.ratelimit import RedisTokenBucket
 from reactor.settings import Settings
+from reactor.twenty import TwentyClient, create_http_client
 
 
 @dataclass(frozen=True)
 class Resources:
     settings: Settings
     db: asyncpg.Pool
-    redis: Redis
+    redis: ArqRedis  # one client for the queue and everything else reactor keeps in Redis
+    twenty: TwentyClient | None  # None when TWENTY_REST_URL/TOKEN are not set (intake still works)
+
+
+def twenty_bucket_key(token: str) -> str:
+    """Twenty limits per workspace; the token names the workspace. Hashed: a key name is not a secret store."""
+    return "reactor:twenty-rate:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 @contextlib.asynccontextmanager
 async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
     db = await create_pool(settings.postgres_dsn, size=settings.db_pool_size)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        yield Resources(settings=settings, db=db, redis=redis)
-    finally:
-        await redis.aclose()
-        await db.close()
+    # No ping here: intake must start and answer while Redis is down (the sweep catches up).
+    redis = ArqRedis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    twenty = None
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(db.close)
+        stack.push_async_callback(redis.aclose)
+        if settings.twenty_rest_url and settings.twenty_rest_token:
+            token = settings.twenty_rest_token.get_secret_value()
+            http = create_http_client(settings.twenty_rest_url, token)
+            stack.push_async_callback(http.aclose)
+            limiter = RedisTokenBucket(redis, key=twenty_bucket_key(token), limit=settings.twenty_rate_limit,
+                                       window_s=settings.twenty_rate_window_s)  # fmt: skip
+            twenty = TwentyClient(http, limiter=limiter, batch_size=settings.twenty_batch_size,
+                                  max_attempts=settings.twenty_max_attempts,
+                                  min_rate_limited_wait_s=limiter.token_interval_s)  # fmt: skip
+        yield Resources(settings=settings, db=db, redis=redis, twenty=twenty)

@@ -15,6 +15,13 @@ import phonenumbers
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Lead columns that PERSON_FIELD_MAP may send to a custom field of Twenty's Person.
+MAPPABLE_LEAD_COLUMNS = frozenset(
+    {"current_credit", "salary_min", "salary_max", "employer", "employment_status", "state", "country",
+     "postal_code", "street", "source", "utm_source", "utm_medium", "utm_campaign", "vehicle_make",
+     "vehicle_model", "vehicle_year", "lead_id"}
+)  # fmt: skip
+
 
 class SettingsError(Exception):
     """The configuration is unusable; the message names every offending variable."""
@@ -40,6 +47,16 @@ class Settings(BaseSettings):
 
     twenty_rest_url: str | None = Field(None, validation_alias="TWENTY_REST_URL")
     twenty_rest_token: SecretStr | None = Field(None, validation_alias="TWENTY_REST_TOKEN")
+    twenty_batch_size: int = Field(60, ge=1, le=200, validation_alias="TWENTY_BATCH_SIZE")
+    twenty_rate_limit: int = Field(100, ge=1, validation_alias="TWENTY_RATE_LIMIT")
+    twenty_rate_window_s: float = Field(60.0, gt=0, validation_alias="TWENTY_RATE_WINDOW_S")
+    # Lead column -> custom Person field, e.g. "current_credit:budget". Only named columns are sent.
+    person_field_map: Annotated[dict[str, str], NoDecode] = Field({}, validation_alias="PERSON_FIELD_MAP")
+    restore_deleted_people: bool = Field(False, validation_alias="RESTORE_DELETED_PEOPLE")
+    sync_sweep_s: int = Field(30, ge=1, validation_alias="SYNC_SWEEP_S")
+    sync_max_tries: int = Field(8, ge=1, le=50, validation_alias="SYNC_MAX_TRIES")
+    sync_retry_base_s: float = Field(5.0, gt=0, le=3600, validation_alias="SYNC_RETRY_BASE_S")
+    twenty_max_attempts: int = Field(4, ge=1, le=10, validation_alias="TWENTY_MAX_ATTEMPTS")
     enable_llm_copywriting: bool = Field(False, validation_alias="ENABLE_LLM_COPYWRITING")
 
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
@@ -77,6 +94,22 @@ class Settings(BaseSettings):
         if not keys:
             raise ValueError("at least one source:key is required")
         return keys
+
+    @field_validator("person_field_map", mode="before")
+    @classmethod
+    def _parse_field_map(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        mapping: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            column, sep, field = (piece.strip() for piece in item.partition(":"))
+            if not sep or column not in MAPPABLE_LEAD_COLUMNS or not field.isidentifier():
+                raise ValueError(
+                    f"{item!r}: each entry must be lead_column:personField, the column one of "
+                    + ", ".join(sorted(MAPPABLE_LEAD_COLUMNS))
+                )
+            mapping[column] = field
+        return mapping
 
     @field_validator("default_phone_region")
     @classmethod

@@ -73,6 +73,11 @@ UPDATE leads SET
     email = COALESCE(email, (SELECT $2::text WHERE NOT EXISTS (SELECT 1 FROM leads WHERE email = $2))),
     phone = COALESCE(phone, (SELECT $3::text WHERE NOT EXISTS (SELECT 1 FROM leads WHERE phone = $3))),
     raw = $4::jsonb || raw,
+    -- A Person already in Twenty is pushed again when the lead gains something it lacked.
+    crm_synced = crm_synced AND NOT (
+        (email IS NULL AND $2::text IS NOT NULL) OR (phone IS NULL AND $3::text IS NOT NULL)
+        {"".join(f" OR ({col} IS NULL AND ${i} IS NOT NULL)" for i, col in enumerate(MERGEABLE_COLUMNS, start=5))}
+    ),
     last_seen_at = now(),
     submission_count = submission_count + 1
 WHERE lead_id = $1
@@ -169,6 +174,127 @@ async def search_leads(
         phone,
         name.lower() if name else None,
         limit,
+    )
+
+
+# --- sync to Twenty -------------------------------------------------------------------------------------------
+# A lead is worked by one worker at a time: a claim is a lease (`sync_claimed_until`) taken by an UPDATE, so
+# the single-lead job and the backlog sweep never push the same lead at once, and a killed worker's lease
+# simply runs out.
+
+_CLAIMABLE = """NOT crm_synced AND NOT suppressed AND sync_gave_up_at IS NULL
+    AND (sync_claimed_until IS NULL OR sync_claimed_until < now())"""
+
+
+async def claim_lead(conn: Conn, lead_id: str, *, lease_s: float) -> asyncpg.Record | None:
+    """Lease one unsynced lead; None when it is synced, suppressed, unknown, or leased by another worker."""
+    return await conn.fetchrow(
+        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2)
+            WHERE lead_id = $1 AND {_CLAIMABLE} RETURNING *""",
+        lead_id,
+        lease_s,
+    )
+
+
+async def claim_unsynced(conn: Conn, *, limit: int, lease_s: float) -> list[asyncpg.Record]:
+    """Lease up to `limit` unsynced leads, oldest first, skipping any another worker holds."""
+    return await conn.fetch(
+        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2)
+            WHERE lead_id IN (
+                SELECT lead_id FROM leads WHERE {_CLAIMABLE} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED
+            )
+            RETURNING *""",
+        limit,
+        lease_s,
+    )
+
+
+async def give_up_sync(conn: Conn, errors: Mapping[str, str]) -> None:
+    """Twenty rejected these leads (lead_id -> error): count the attempt and stop sweeping them."""
+    await conn.execute(
+        """UPDATE leads SET sync_attempts = sync_attempts + 1, last_sync_error = e.error,
+                            sync_claimed_until = NULL, sync_gave_up_at = now()
+           FROM unnest($1::text[], $2::text[]) AS e(lead_id, error)
+           WHERE leads.lead_id = e.lead_id""",
+        list(errors),
+        list(errors.values()),
+    )
+
+
+async def retry_sync(conn: Conn, lead_id: str) -> None:
+    """Make a lead Twenty once rejected eligible for syncing again."""
+    await conn.execute("UPDATE leads SET sync_gave_up_at = NULL WHERE lead_id = $1", lead_id)
+
+
+async def count_unsynced(conn: Conn) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM leads WHERE NOT crm_synced AND NOT suppressed"))
+
+
+async def mark_synced(conn: Conn, person_ids: Mapping[str, str]) -> None:
+    """Record the Person id of each lead (lead_id -> person id) and release its lease."""
+    await conn.execute(
+        """UPDATE leads SET crm_person_id = p.person_id, crm_synced = true, crm_synced_at = now(),
+                            last_sync_error = NULL, sync_claimed_until = NULL
+           FROM unnest($1::text[], $2::text[]) AS p(lead_id, person_id)
+           WHERE leads.lead_id = p.lead_id""",
+        list(person_ids),
+        list(person_ids.values()),
+    )
+
+
+async def mark_suppressed(conn: Conn, lead_ids: list[str], reason: str) -> None:
+    await conn.execute(
+        """UPDATE leads SET suppressed = true, last_sync_error = $2, sync_claimed_until = NULL
+           WHERE lead_id = ANY($1::text[])""",
+        lead_ids,
+        reason,
+    )
+
+
+async def record_sync_errors(conn: Conn, errors: Mapping[str, str]) -> None:
+    """Count a failed attempt for each lead (lead_id -> error) and release its lease for the next try."""
+    await conn.execute(
+        """UPDATE leads SET sync_attempts = sync_attempts + 1, last_sync_error = e.error,
+                            sync_claimed_until = NULL
+           FROM unnest($1::text[], $2::text[]) AS e(lead_id, error)
+           WHERE leads.lead_id = e.lead_id""",
+        list(errors),
+        list(errors.values()),
+    )
+
+
+# --- dead letters ----------------------------------------------------------------------------------------------
+
+
+async def record_failed_job(
+    conn: Conn, *, job_name: str, job_id: str | None, args: list[Any], error: str, attempts: int
+) -> None:
+    await conn.execute(
+        "INSERT INTO failed_jobs (job_name, job_id, args, error, attempts) VALUES ($1, $2, $3, $4, $5)",
+        job_name,
+        job_id,
+        args,
+        error,
+        attempts,
+    )
+
+
+async def list_failed_jobs(conn: Conn, *, limit: int, include_replayed: bool = False) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM failed_jobs WHERE ($2 OR replayed_at IS NULL) ORDER BY id DESC LIMIT $1",
+        limit,
+        include_replayed,
+    )
+
+
+async def take_failed_jobs(conn: Conn, *, job_name: str | None, failed_id: int | None) -> list[asyncpg.Record]:
+    """Mark pending dead letters as replayed and return them (each is taken once, whoever else replays)."""
+    return await conn.fetch(
+        """UPDATE failed_jobs SET replayed_at = now()
+           WHERE replayed_at IS NULL AND ($1::text IS NULL OR job_name = $1) AND ($2::bigint IS NULL OR id = $2)
+           RETURNING *""",
+        job_name,
+        failed_id,
     )
 
 

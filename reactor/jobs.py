@@ -1,0 +1,46 @@
+"""Job names, deterministic job ids, and enqueueing. The only module that knows how work is queued.
+
+Jobs go out after the commit that makes them necessary, carry ids rather than objects, and have ids derived
+from what they work on, so a second enqueue of the same work is refused by arq instead of running twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from arq.connections import ArqRedis
+from arq.jobs import Job
+from redis.exceptions import RedisError
+
+log = logging.getLogger("reactor.jobs")
+
+SYNC_LEAD = "sync_lead"
+SYNC_BACKLOG = "sync_backlog"
+ENQUEUE_TIMEOUT_S = 2.0
+
+
+def sync_lead_job_id(lead_id: str) -> str:
+    return f"sync:{lead_id}"
+
+
+async def enqueue_sync_lead(queue: ArqRedis, lead_id: str) -> bool:
+    """Queue the sync of one lead; False (logged) when Redis cannot take it.
+
+    Never raises for Redis trouble: the lead is already committed as unsynced, and the periodic sweep syncs it,
+    so intake keeps answering while Redis is down.
+    """
+    try:
+        with anyio.fail_after(ENQUEUE_TIMEOUT_S):
+            await queue.enqueue_job(SYNC_LEAD, lead_id, _job_id=sync_lead_job_id(lead_id))
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("jobs.enqueue_failed job=%s lead_id=%s error=%s (the sweep will sync it)",
+                    SYNC_LEAD, lead_id, type(exc).__name__)  # fmt: skip
+        return False
+    return True
+
+
+async def enqueue(queue: ArqRedis, name: str, *args: object, job_id: str | None = None) -> Job | None:
+    """Queue a job; None when a job with that id is already queued, running, or has a kept result."""
+    job: Job | None = await queue.enqueue_job(name, *args, _job_id=job_id)
+    return job

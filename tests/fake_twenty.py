@@ -1,0 +1,137 @@
+"""A stateful stand-in for Twenty's People endpoints, served through respx (Twenty's HTTP contract, not our
+code, is what it fakes): upsert by primary email (reviving the trash, as Twenty does), batches, look-ups by
+email (with or without the trash) and by phone. It counts every call, so tests can assert call budgets."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import phonenumbers
+import respx
+
+BASE_URL = "http://twenty.test/rest"
+_PREDICATE = re.compile(r'([\w.]+)\[(\w+)\]:("[^"]*"|\[[^\]]*\]|[^,)]+)')
+
+
+@dataclass
+class FakeTwenty:
+    people: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    batches: list[list[dict[str, Any]]] = field(default_factory=list)
+    fail_next: list[httpx.Response] = field(default_factory=list)  # answered first, in order
+    reject_emails: set[str] = field(default_factory=set)  # a batch holding one of these gets a 400
+
+    def install(self, router: respx.MockRouter) -> None:
+        router.post(f"{BASE_URL}/batch/people").mock(side_effect=self._batch)
+        router.post(f"{BASE_URL}/people").mock(side_effect=self._one)
+        router.get(url__regex=rf"{re.escape(BASE_URL)}/people(\?.*)?$").mock(side_effect=self._list)
+
+    def add_person(self, email: str, *, deleted: bool = False, phone: str | None = None) -> str:
+        person_id = str(uuid.uuid4())
+        self.people[person_id] = {
+            "id": person_id,
+            "name": {"firstName": "", "lastName": ""},
+            "emails": {"primaryEmail": email, "additionalEmails": None},
+            "phones": {"primaryPhoneNumber": phone or "", "primaryPhoneCountryCode": "", "primaryPhoneCallingCode": ""},
+            "deletedAt": "2026-11-01T00:00:00.000Z" if deleted else None,
+        }
+        return person_id
+
+    def _failure(self) -> httpx.Response | None:
+        return self.fail_next.pop(0) if self.fail_next else None
+
+    def _upsert(self, record: dict[str, Any]) -> dict[str, Any]:
+        email = (record.get("emails") or {}).get("primaryEmail") or ""
+        match = self.people.get(record.get("id", ""))  # Twenty's upsert matches on id, then on the primary email
+        if match is None:
+            match = next((p for p in self.people.values() if email and p["emails"]["primaryEmail"] == email), None)
+        if match is None:
+            match = {"id": record.get("id") or str(uuid.uuid4())}
+            self.people[match["id"]] = match
+        match.update(record)
+        if phones := record.get("phones"):
+            match["phones"] = _stored_phones(phones)
+        match["deletedAt"] = None  # Twenty's upsert revives a trashed match
+        return match
+
+    def _batch(self, request: httpx.Request) -> httpx.Response:
+        self.calls["batch"] += 1
+        if failure := self._failure():
+            return failure
+        records = json.loads(request.content)
+        self.batches.append(records)
+        if len(records) > 200:
+            return _error(400, "Maximum number of records to upsert is 200.")
+        if any((r.get("emails") or {}).get("primaryEmail") in self.reject_emails for r in records):
+            return _error(400, "Provided phone number is invalid")
+        return httpx.Response(201, json={"data": {"createPeople": [self._upsert(r) for r in records]}})
+
+    def _one(self, request: httpx.Request) -> httpx.Response:
+        self.calls["one"] += 1
+        if failure := self._failure():
+            return failure
+        record = json.loads(request.content)
+        if (record.get("emails") or {}).get("primaryEmail") in self.reject_emails:
+            return _error(400, "Provided phone number is invalid")
+        return httpx.Response(201, json={"data": {"createPerson": self._upsert(record)}})
+
+    def _list(self, request: httpx.Request) -> httpx.Response:
+        self.calls["list"] += 1
+        if failure := self._failure():
+            return failure
+        text = request.url.params.get("filter", "")
+        found = [p for p in self.people.values() if _matches(p, text)]
+        return httpx.Response(
+            200,
+            json={
+                "data": {"people": found},
+                "totalCount": len(found),
+                "pageInfo": {"hasNextPage": False, "hasPreviousPage": False, "startCursor": None, "endCursor": None},
+            },
+        )
+
+
+def _matches(person: dict[str, Any], text: str) -> bool:
+    """The conjunction of the predicates in a filter (enough for the look-ups reactor makes)."""
+    either = "or(deletedAt[is]:NULL,deletedAt[is]:NOT_NULL)"  # "live or trashed": every row
+    if "deletedAt" not in text and person["deletedAt"] is not None:
+        return False
+    for path, op, raw in _PREDICATE.findall(text.replace(either, "")):
+        value: Any = person
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        wanted = raw.strip('"')
+        if op == "eq" and value != wanted:
+            return False
+        if op == "in" and value not in [v.strip().strip('"') for v in wanted.strip("[]").split(",")]:
+            return False
+        if op == "is" and (value is None) != (wanted == "NULL"):
+            return False
+    return True
+
+
+def _stored_phones(phones: dict[str, Any]) -> dict[str, Any]:
+    """As Twenty stores them: the national number, with the country and calling codes it inferred."""
+    number = phonenumbers.parse(phones["primaryPhoneNumber"], phones.get("primaryPhoneCountryCode") or None)
+    return {
+        "primaryPhoneNumber": str(number.national_number),
+        "primaryPhoneCountryCode": phonenumbers.region_code_for_number(number),
+        "primaryPhoneCallingCode": f"+{number.country_code}",
+        "additionalPhones": [],
+    }
+
+
+def _error(status: int, message: str) -> httpx.Response:
+    names = {400: "BadRequestException", 429: "HttpException", 503: "ServiceUnavailableException"}
+    return httpx.Response(status, json={"statusCode": status, "error": names.get(status, "HttpException"),
+                                        "messages": [message]})  # fmt: skip
+
+
+def unavailable(status: int = 503) -> httpx.Response:
+    return _error(status, "Limit reached (100 tokens per 60000 ms)" if status == 429 else "Service Unavailable")

@@ -1,0 +1,320 @@
+"""Leads reach Twenty as People through the real arq worker (burst mode) on the real Redis and PostgreSQL,
+with Twenty mocked through respx (tests/fake_twenty.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import httpx
+import pytest
+import respx
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from reactor import deadletters, jobs, store, sync
+from reactor.devstack import free_port
+from reactor.resources import Resources, open_resources
+from reactor.settings import Settings
+from reactor.twenty import TwentyClient
+from reactor.worker import build_worker, sync_options
+from tests.conftest import app_client
+from tests.fake_twenty import BASE_URL, FakeTwenty, unavailable
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def twenty_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "twenty_rest_url": BASE_URL,
+            "twenty_rest_token": SecretStr("tok"),
+            "sync_max_tries": 3,
+            "sync_retry_base_s": 0.01,
+            "twenty_max_attempts": 2,
+            "twenty_rate_limit": 100_000,
+        }
+    )
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeTwenty]:
+    twenty = FakeTwenty()
+    with respx.mock(assert_all_called=False) as router:
+        twenty.install(router)
+        yield twenty
+
+
+@pytest.fixture
+async def res(twenty_settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIterator[Resources]:
+    async with open_resources(twenty_settings) as resources:
+        yield resources
+
+
+@pytest.fixture
+async def api(twenty_settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(twenty_settings) as http:
+        yield http
+
+
+def twenty(res: Resources) -> TwentyClient:
+    assert res.twenty is not None
+    return res.twenty
+
+
+async def drain(res: Resources) -> None:
+    """Run every queued job on a real arq worker, in burst mode."""
+    await build_worker(res, burst=True, sweep=False).main()
+
+
+async def post_lead(api: httpx.AsyncClient, **fields: object) -> str:
+    response = await api.post("/leads", json=fields)
+    assert response.status_code in (200, 201), response.text
+    return str(response.json()["lead_id"])
+
+
+async def test_a_posted_lead_ends_synced_with_the_person_id(
+    api: httpx.AsyncClient, res: Resources, fake: FakeTwenty
+) -> None:
+    lead_id = await post_lead(api, first_name="Ada", email="ada@example.com", phone="+14155552671")
+    await drain(res)
+
+    lead = (await api.get(f"/leads/{lead_id}")).json()
+    assert lead["crm_synced"] is True
+    [person] = fake.people.values()
+    assert lead["crm_person_id"] == person["id"]
+    assert person["emails"]["primaryEmail"] == "ada@example.com"
+    assert person["name"]["firstName"] == "Ada"
+
+
+async def test_syncing_twice_changes_nothing(api: httpx.AsyncClient, res: Resources, fake: FakeTwenty) -> None:
+    lead_id = await post_lead(api, email="twice@example.com")
+    await drain(res)
+    calls = sum(fake.calls.values())
+    await asyncio.sleep(0)  # the kept result of sync:<id> is short; the job itself is the guard
+    again = await sync.sync_lead(res.db, twenty(res), lead_id, sync_options(res.settings))
+    assert again is None
+    assert sum(fake.calls.values()) == calls
+    assert len(fake.people) == 1
+
+
+async def test_a_person_in_the_trash_stays_deleted(api: httpx.AsyncClient, res: Resources, fake: FakeTwenty) -> None:
+    person_id = fake.add_person("gone@example.com", deleted=True)
+    lead_id = await post_lead(api, email="gone@example.com")
+    await drain(res)
+
+    lead = (await api.get(f"/leads/{lead_id}")).json()
+    assert lead["suppressed"] is True
+    assert lead["crm_synced"] is False
+    assert fake.people[person_id]["deletedAt"] is not None  # not resurrected
+    assert fake.calls["batch"] == 0
+
+
+async def test_restore_deleted_people_brings_them_back(
+    twenty_settings: Settings, db: asyncpg.Pool, redis: Redis, fake: FakeTwenty
+) -> None:
+    person_id = fake.add_person("back@example.com", deleted=True)
+    restoring = twenty_settings.model_copy(update={"restore_deleted_people": True})
+    async with open_resources(restoring) as res:
+        await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('r1', 'back@example.com', 't')")
+        await res.redis.enqueue_job(jobs.SYNC_LEAD, "r1", _job_id=jobs.sync_lead_job_id("r1"))
+        await drain(res)
+    assert await db.fetchval("SELECT crm_person_id FROM leads WHERE lead_id = 'r1'") == person_id
+    assert fake.people[person_id]["deletedAt"] is None
+
+
+async def test_backlog_goes_through_the_batch_endpoint(
+    api: httpx.AsyncClient, res: Resources, fake: FakeTwenty, db: asyncpg.Pool
+) -> None:
+    rows = [(f"b{i}", f"b{i}@example.com") for i in range(130)]
+    await db.executemany("INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')", rows)
+
+    accepted = await api.post("/sync-crm")
+    assert accepted.status_code == 202
+    job_id = accepted.json()["job_id"]
+    await drain(res)
+
+    status = (await api.get(f"/jobs/{job_id}")).json()
+    assert status["status"] == "complete"
+    result = status["result"]
+    assert (result["total"], result["synced_count"], result["failed_count"]) == (130, 130, 0)
+    assert sorted(result["synced"]) == sorted(lead_id for lead_id, _ in rows)
+    assert [len(batch) for batch in fake.batches] == [60, 60, 10]
+    assert await db.fetchval("SELECT count(*) FROM leads WHERE crm_synced") == 130
+
+
+async def test_unknown_job_is_404(api: httpx.AsyncClient) -> None:
+    response = await api.get("/jobs/nope")
+    assert (response.status_code, response.json()["error"]) == (404, "job_not_found")
+
+
+async def test_two_workers_sweeping_at_once_push_each_lead_once(
+    res: Resources, fake: FakeTwenty, db: asyncpg.Pool
+) -> None:
+    rows = [(f"w{i}", f"w{i}@example.com") for i in range(240)]
+    await db.executemany("INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')", rows)
+    options = sync_options(res.settings)
+    first, second = await asyncio.gather(
+        sync.sync_backlog(res.db, twenty(res), options),
+        sync.sync_backlog(res.db, twenty(res), options),
+    )
+    pushed = [record["emails"]["primaryEmail"] for batch in fake.batches for record in batch]
+    assert sorted(pushed) == sorted(email for _, email in rows)  # each exactly once
+    assert len(first.synced) + len(second.synced) == 240
+
+
+async def test_a_rejected_lead_is_isolated_dead_lettered_and_replayable(
+    api: httpx.AsyncClient, res: Resources, fake: FakeTwenty, db: asyncpg.Pool
+) -> None:
+    rows = [(f"x{i}", f"x{i}@example.com") for i in range(5)]
+    await db.executemany("INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')", rows)
+    fake.reject_emails = {"x3@example.com"}
+    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    assert result.failed == [{"lead_id": "x3", "error": result.failed[0]["error"]}]
+    assert "Provided phone number is invalid" in result.failed[0]["error"]
+    assert sorted(result.synced) == ["x0", "x1", "x2", "x4"]
+
+    lead = (await api.get("/leads/x3")).json()
+    assert (lead["crm_synced"], lead["sync_attempts"]) == (False, 1)
+    assert "Provided phone number is invalid" in lead["last_sync_error"]
+    # It is not swept again until someone replays it.
+    again = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    assert again.as_dict()["total"] == 0
+
+    await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id="sync:x3", args=["x3"], error="e", attempts=1)
+    listed = (await api.get("/jobs/failed")).json()["failed"]
+    assert [(f["job_name"], f["args"]) for f in listed] == [("sync_lead", ["x3"])]
+
+    fake.reject_emails = set()
+    replayed = await deadletters.replay(res.db, res.redis, job_name="sync_lead")
+    assert [r.enqueued for r in replayed] == [True]
+    await drain(res)
+    assert (await api.get("/leads/x3")).json()["crm_synced"] is True
+    assert (await api.get("/jobs/failed")).json()["failed"] == []
+
+
+async def test_transient_failures_retry_then_dead_letter_without_losing_the_lead(
+    api: httpx.AsyncClient, res: Resources, fake: FakeTwenty
+) -> None:
+    fake.fail_next = [unavailable(503)] * 100
+    lead_id = await post_lead(api, email="flaky@example.com")
+    await drain(res)
+    lead = (await api.get(f"/leads/{lead_id}")).json()
+    assert lead["crm_synced"] is False
+    assert lead["sync_attempts"] == res.settings.sync_max_tries
+    assert "503" in lead["last_sync_error"]
+    [dead] = (await api.get("/jobs/failed")).json()["failed"]
+    assert (dead["job_name"], dead["args"], dead["attempts"]) == ("sync_lead", [lead_id], 3)
+
+    fake.fail_next = []
+    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    assert result.synced == [lead_id]  # the sweep still takes it: nothing is lost
+
+
+async def test_intake_answers_while_redis_is_down_and_the_sweep_syncs_later(
+    twenty_settings: Settings, db: asyncpg.Pool, res: Resources, fake: FakeTwenty
+) -> None:
+    no_redis = twenty_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    async with app_client(no_redis) as http:
+        response = await http.post("/leads", json={"email": "noredis@example.com"})
+    assert response.status_code == 201
+    lead_id = response.json()["lead_id"]
+    assert await db.fetchval("SELECT crm_synced FROM leads WHERE lead_id = $1", lead_id) is False
+
+    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    assert result.synced == [lead_id]
+
+
+async def test_a_worker_killed_mid_job_leaves_the_lead_for_the_sweep(res: Resources, db: asyncpg.Pool) -> None:
+    await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('k1', 'killed@example.com', 't')")
+    entered = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        entered.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    with respx.mock(assert_all_called=False) as router:
+        router.route().mock(side_effect=hang)
+        options = sync.SyncOptions(field_map={}, restore_deleted=True, lease_s=0.5)
+        task = asyncio.create_task(sync.sync_lead(res.db, twenty(res), "k1", options))
+        await entered.wait()
+        task.cancel()  # the worker dies with the request in flight
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert await db.fetchval("SELECT crm_synced FROM leads WHERE lead_id = 'k1'") is False
+
+    await asyncio.sleep(0.6)  # the dead worker's lease runs out
+    with respx.mock(assert_all_called=False) as router:
+        FakeTwenty().install(router)
+        result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    assert result.synced == ["k1"]
+
+
+async def test_a_backlog_run_reads_the_trash_once_and_leaves_trashed_people_deleted(
+    res: Resources, fake: FakeTwenty, db: asyncpg.Pool
+) -> None:
+    gone = fake.add_person("t5@example.com", deleted=True)
+    rows = [(f"t{i}", f"t{i}@example.com") for i in range(130)]
+    await db.executemany("INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')", rows)
+
+    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+
+    assert result.suppressed == ["t5"]
+    assert len(result.synced) == 129
+    assert fake.people[gone]["deletedAt"] is not None
+    assert (fake.calls["list"], fake.calls["batch"]) == (1, 3)  # 130 leads: one trash read, three batches
+    assert await db.fetchval("SELECT suppressed FROM leads WHERE lead_id = 't5'") is True
+
+
+async def test_a_second_enqueue_of_the_same_lead_is_a_no_op(res: Resources, db: asyncpg.Pool) -> None:
+    assert await jobs.enqueue_sync_lead(res.redis, "same") is True
+    assert await jobs.enqueue(res.redis, jobs.SYNC_LEAD, "same", job_id=jobs.sync_lead_job_id("same")) is None
+    assert await res.redis.zcard("arq:queue") == 1
+
+
+async def test_a_sweep_skips_a_lead_whose_job_is_in_flight(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:
+    await db.executemany(
+        "INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')",
+        [("busy", "busy@example.com"), ("free", "free@example.com")],
+    )
+    async with db.acquire() as conn:  # what sync_lead does first: lease the lead
+        assert await store.claim_lead(conn, "busy", lease_s=60) is not None
+
+    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+
+    assert result.synced == ["free"]
+    pushed = [record["emails"]["primaryEmail"] for batch in fake.batches for record in batch]
+    assert pushed == ["free@example.com"]
+
+
+async def test_a_lead_that_gains_fields_updates_its_person_without_a_duplicate(
+    api: httpx.AsyncClient, res: Resources, fake: FakeTwenty
+) -> None:
+    lead_id = await post_lead(api, first_name="Phil", phone="+14155552671")  # phone only: no upsert key
+    await drain(res)
+    [person_id] = fake.people
+    await asyncio.sleep(0.01)
+
+    again = await api.post("/leads", json={"phone": "(415) 555-2671", "email": "phil@example.com",
+                                           "employment": {"job_title": "CTO"}})  # fmt: skip
+    assert again.json() == {"status": "existing", "lead_id": lead_id}
+    assert (await api.get(f"/leads/{lead_id}")).json()["crm_synced"] is False  # to be pushed again
+    await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+
+    assert list(fake.people) == [person_id]  # matched by id: the same Person, now with the email
+    person = fake.people[person_id]
+    assert (person["emails"]["primaryEmail"], person["jobTitle"]) == ("phil@example.com", "CTO")
+    lead = (await api.get(f"/leads/{lead_id}")).json()
+    assert (lead["crm_synced"], lead["crm_person_id"]) == (True, person_id)
+
+
+async def test_a_repeat_that_adds_nothing_does_not_push_again(
+    api: httpx.AsyncClient, res: Resources, fake: FakeTwenty
+) -> None:
+    lead_id = await post_lead(api, first_name="Ada", email="ada@example.com")
+    await drain(res)
+    await post_lead(api, first_name="Someone Else", email="ADA@example.com")  # nothing new: first_name is kept
+    assert (await api.get(f"/leads/{lead_id}")).json()["crm_synced"] is True
