@@ -80,3 +80,21 @@ CREATE TABLE IF NOT EXISTS failed_jobs (
 );
 
 CREATE INDEX IF NOT EXISTS failed_jobs_pending ON failed_jobs (failed_at) WHERE replayed_at IS NULL;
+
+-- Follow-up tasks reactor created in Twenty, one open per person. The task's id is chosen here before Twenty is
+-- called, so a retry (after a crash between Twenty's answer and our commit) upserts the same task, not a second.
+CREATE TABLE IF NOT EXISTS follow_ups (
+    id           bigserial PRIMARY KEY,
+    person_id    text NOT NULL,
+    task_id      text NOT NULL UNIQUE,
+    target_id    text NOT NULL,
+    assignee_id  text,
+    state        text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'open', 'closed', 'failed')),
+    llm_used     boolean,
+    last_error   text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    opened_at    timestamptz,
+    closed_at    timestamptz
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS follow_ups_one_open ON follow_ups (person_id) WHERE state IN ('pending', 'open');

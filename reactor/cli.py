@@ -79,6 +79,56 @@ async def _replay(settings: Settings, job_name: str | None, failed_id: int | Non
     return 0
 
 
+def _require_twenty(settings: Settings, what: str) -> bool:
+    if settings.twenty_rest_url and settings.twenty_rest_token:
+        return True
+    print(f"reactor: invalid configuration:\n  TWENTY_REST_URL, TWENTY_REST_TOKEN: required by {what}", file=sys.stderr)
+    return False
+
+
+async def _webhook(settings: Settings, action: str, url: str | None) -> int:
+    from reactor import subscription
+    from reactor.twenty import TwentyClient, TwentyError, create_http_client
+
+    assert settings.twenty_rest_url
+    assert settings.twenty_rest_token
+    async with create_http_client(settings.twenty_rest_url, settings.twenty_rest_token.get_secret_value()) as http:
+        twenty = TwentyClient(http)
+        try:
+            if action == "install":
+                assert url is not None
+                done = await subscription.install(twenty, url)
+                print(
+                    f"{'created' if done.created else 'updated'} webhook {done.webhook.id} -> {done.webhook.target_url}"
+                )
+                print(f"operations: {', '.join(done.webhook.operations)}")
+                if done.secret:
+                    print(f"\nPut this in reactor's environment:\n  TWENTY_WEBHOOK_SECRET={done.secret}")
+                if subscription.is_private(url):
+                    print(
+                        "\nwarning: this address is private or loopback. A self-hosted Twenty refuses to call it"
+                        " unless OUTBOUND_HTTP_ALLOWED_INTERNAL_HOSTS (on its server and worker) lists the host."
+                    )
+                return 0
+            hooks = await twenty.list_webhooks()
+        except TwentyError as exc:
+            print(f"reactor: {exc}", file=sys.stderr)
+            return 1
+    configured = settings.twenty_webhook_secret.get_secret_value() if settings.twenty_webhook_secret else None
+    if not hooks:
+        print(
+            "no webhook subscriptions in Twenty; run: reactor webhook install --url https://<reactor>/webhooks/twenty"
+        )
+    for hook in hooks:
+        missing = subscription.covers(hook)
+        match = subscription.secret_matches(hook, configured)
+        secret = {True: "matches TWENTY_WEBHOOK_SECRET", False: "differs from TWENTY_WEBHOOK_SECRET",
+                  None: "not comparable"}[match]  # fmt: skip
+        print(f"{hook.id}  {hook.target_url}\n  operations: {', '.join(hook.operations)}"
+              f"\n  missing for reactor: {', '.join(missing) or 'nothing'}\n  secret: {secret}")  # fmt: skip
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reactor", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay = commands.add_parser("replay", help="re-enqueue jobs that failed for good (GET /jobs/failed)")
     replay.add_argument("--job", help="only dead letters of this job name, e.g. sync_lead")
     replay.add_argument("--id", type=int, help="only this dead letter (its id in GET /jobs/failed)")
+    webhook = commands.add_parser("webhook", help="manage reactor's webhook subscription in Twenty")
+    webhook_actions = webhook.add_subparsers(dest="action", required=True)
+    install = webhook_actions.add_parser("install", help="create or update the subscription; prints the secret")
+    install.add_argument("--url", required=True, help="reactor's public URL of POST /webhooks/twenty")
+    webhook_actions.add_parser("status", help="show what Twenty sends where")
     dev = commands.add_parser("dev", help="run everything locally: databases, migrations, web")
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
     args = parser.parse_args(argv)
@@ -110,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_web(settings, args.host, args.port)
     elif args.command == "worker":
         return run_worker(settings)
+    elif args.command == "webhook":
+        if not _require_twenty(settings, "reactor webhook"):
+            return 2
+        return asyncio.run(_webhook(settings, args.action, getattr(args, "url", None)))
     elif args.command == "migrate":
         run_migrate(settings)
     elif args.command == "replay":

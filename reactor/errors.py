@@ -34,6 +34,22 @@ class Unauthenticated(ReactorError):
     status, code = 401, "unauthenticated"
 
 
+class InvalidSignature(ReactorError):
+    status, code = 401, "invalid_signature"
+
+
+class InvalidEvent(ReactorError):
+    status, code = 400, "invalid_event"
+
+
+class NotConfigured(ReactorError):
+    status, code = 503, "not_configured"
+
+
+class ServiceUnavailable(ReactorError):
+    status, code = 503, "unavailable"
+
+
 class LeadNotFound(ReactorError):
     status, code = 404, "lead_not_found"
 

@@ -7,6 +7,7 @@ from what they work on, so a second enqueue of the same work is refused by arq i
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 from arq.connections import ArqRedis
@@ -17,6 +18,9 @@ log = logging.getLogger("reactor.jobs")
 
 SYNC_LEAD = "sync_lead"
 SYNC_BACKLOG = "sync_backlog"
+FOLLOW_UP = "create_follow_up"
+FOLLOW_UP_BATCH = "create_follow_ups"
+AUTO_ASSIGN = "auto_assign"
 ENQUEUE_TIMEOUT_S = 2.0
 
 
@@ -38,6 +42,17 @@ async def enqueue_sync_lead(queue: ArqRedis, lead_id: str) -> bool:
                     SYNC_LEAD, lead_id, type(exc).__name__)  # fmt: skip
         return False
     return True
+
+
+def follow_up_job_id(person_id: str) -> str:
+    return f"follow_up:{person_id}"
+
+
+async def enqueue_follow_up(queue: ArqRedis, person_id: str, person: dict[str, Any] | None = None) -> Job | None:
+    """Queue the follow-up of one person (None: one is already queued or running). `person`: the Person record
+    when the caller has it (a webhook does), which saves the job a call to Twenty."""
+    args = (person_id, person) if person else (person_id,)
+    return await enqueue(queue, FOLLOW_UP, *args, job_id=follow_up_job_id(person_id))
 
 
 async def enqueue(queue: ArqRedis, name: str, *args: object, job_id: str | None = None) -> Job | None:

@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
+import httpx
 from arq.connections import ArqRedis
 
 from reactor.db import create_pool
+from reactor.followups import FollowUpDeps
+from reactor.loadcache import LoadCache
 from reactor.ratelimit import RedisTokenBucket
 from reactor.settings import Settings
 from reactor.twenty import TwentyClient, create_http_client
@@ -22,6 +25,13 @@ class Resources:
     db: asyncpg.Pool
     redis: ArqRedis  # one client for the queue and everything else reactor keeps in Redis
     twenty: TwentyClient | None  # None when TWENTY_REST_URL/TOKEN are not set (intake still works)
+    cache: LoadCache
+    llm_http: httpx.AsyncClient  # to the local LLM (Ollama); each request carries its own timeout
+
+    def follow_up_deps(self) -> FollowUpDeps:
+        assert self.twenty is not None, "follow-ups need Twenty configured"
+        return FollowUpDeps(db=self.db, twenty=self.twenty, cache=self.cache, llm_http=self.llm_http,
+                            settings=self.settings)  # fmt: skip
 
 
 def twenty_bucket_key(token: str) -> str:
@@ -47,4 +57,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             twenty = TwentyClient(http, limiter=limiter, batch_size=settings.twenty_batch_size,
                                   max_attempts=settings.twenty_max_attempts,
                                   min_rate_limited_wait_s=limiter.token_interval_s)  # fmt: skip
-        yield Resources(settings=settings, db=db, redis=redis, twenty=twenty)
+        llm_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.llm_timeout_s, connect=2.0))
+        stack.push_async_callback(llm_http.aclose)
+        cache = LoadCache(redis, load_statuses=settings.load_statuses)
+        yield Resources(settings=settings, db=db, redis=redis, twenty=twenty, cache=cache, llm_http=llm_http)

@@ -57,7 +57,19 @@ class Settings(BaseSettings):
     sync_max_tries: int = Field(8, ge=1, le=50, validation_alias="SYNC_MAX_TRIES")
     sync_retry_base_s: float = Field(5.0, gt=0, le=3600, validation_alias="SYNC_RETRY_BASE_S")
     twenty_max_attempts: int = Field(4, ge=1, le=10, validation_alias="TWENTY_MAX_ATTEMPTS")
+    twenty_webhook_secret: SecretStr | None = Field(None, validation_alias="TWENTY_WEBHOOK_SECRET")
+    webhook_tolerance_s: int = Field(300, ge=1, le=86400, validation_alias="WEBHOOK_TOLERANCE_S")
+    # Task statuses that count as a member's load.
+    load_statuses: Annotated[tuple[str, ...], NoDecode] = Field(("TODO",), validation_alias="LOAD_STATUSES")
+    # Who may be assigned follow-ups (workspace members' emails); empty: every member.
+    assignee_emails: Annotated[frozenset[str], NoDecode] = Field(frozenset(), validation_alias="ASSIGNEE_EMAILS")
+    # Capacity weights, "email:weight,…": a member's load is divided by their weight (default 1).
+    assignee_weights: Annotated[dict[str, float], NoDecode] = Field({}, validation_alias="ASSIGNEE_WEIGHTS")
+    follow_up_due_hours: float = Field(24.0, gt=0, le=24 * 365, validation_alias="FOLLOW_UP_DUE_HOURS")
     enable_llm_copywriting: bool = Field(False, validation_alias="ENABLE_LLM_COPYWRITING")
+    ollama_url: str = Field("http://localhost:11434", validation_alias="OLLAMA_URL")
+    ollama_model: str = Field("llama3.1:8b", min_length=1, validation_alias="OLLAMA_MODEL")
+    llm_timeout_s: float = Field(20.0, gt=0, le=600, validation_alias="LLM_TIMEOUT_S")
 
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
 
@@ -110,6 +122,48 @@ class Settings(BaseSettings):
                 )
             mapping[column] = field
         return mapping
+
+    @field_validator("load_statuses", mode="before")
+    @classmethod
+    def _parse_statuses(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        statuses = tuple(dict.fromkeys(s.strip().upper() for s in value.split(",") if s.strip()))
+        unknown = [s for s in statuses if s not in {"TODO", "IN_PROGRESS", "DONE"}]
+        if not statuses or unknown:
+            raise ValueError("a comma-separated list of TODO, IN_PROGRESS, DONE")
+        return statuses
+
+    @field_validator("assignee_emails", mode="before")
+    @classmethod
+    def _parse_emails(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return frozenset(e.strip().lower() for e in value.split(",") if e.strip())
+
+    @field_validator("assignee_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        weights: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            email, _, weight = item.rpartition(":")
+            try:
+                number = float(weight)
+            except ValueError:
+                number = 0.0
+            if not email.strip() or not number > 0:
+                raise ValueError(f"{item!r}: each entry must be email:weight with a weight above 0, e.g. a@x.com:2")
+            weights[email.strip().lower()] = number
+        return weights
+
+    @field_validator("ollama_url")
+    @classmethod
+    def _check_ollama_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, e.g. http://localhost:11434")
+        return value.rstrip("/")
 
     @field_validator("default_phone_region")
     @classmethod

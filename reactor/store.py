@@ -298,5 +298,67 @@ async def take_failed_jobs(conn: Conn, *, job_name: str | None, failed_id: int |
     )
 
 
+# -- follow-ups ------------------------------------------------------------------------------------------
+
+STALE_PENDING_S = 600  # a pending follow-up this old was left by a worker that died; it may be resumed
+
+
+async def begin_follow_up(conn: Conn, person_id: str, *, task_id: str, target_id: str) -> asyncpg.Record | None:
+    """Take the person's one open follow-up slot: the new row, or None when an open or pending one exists."""
+    return await conn.fetchrow(
+        """INSERT INTO follow_ups (person_id, task_id, target_id) VALUES ($1, $2, $3)
+           ON CONFLICT (person_id) WHERE state IN ('pending', 'open') DO NOTHING
+           RETURNING *""",
+        person_id,
+        task_id,
+        target_id,
+    )
+
+
+async def current_follow_up(conn: Conn, person_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM follow_ups WHERE person_id = $1 AND state IN ('pending', 'open')", person_id
+    )
+
+
+async def open_follow_up(conn: Conn, task_id: str, *, assignee_id: str | None, llm_used: bool) -> None:
+    await conn.execute(
+        """UPDATE follow_ups SET state = 'open', assignee_id = $2, llm_used = $3, opened_at = now(),
+                                 last_error = NULL
+           WHERE task_id = $1 AND state = 'pending'""",
+        task_id,
+        assignee_id,
+        llm_used,
+    )
+
+
+async def close_follow_up(conn: Conn, task_id: str, *, state: str = "closed", error: str | None = None) -> bool:
+    """The task is done or gone (closed), or could not be created (failed): the person's slot is free again."""
+    status = await conn.execute(
+        """UPDATE follow_ups SET state = $2, closed_at = now(), last_error = coalesce($3, last_error)
+           WHERE task_id = $1 AND state IN ('pending', 'open')""",
+        task_id,
+        state,
+        error,
+    )
+    return status != "UPDATE 0"
+
+
+async def note_follow_up_error(conn: Conn, task_id: str, error: str) -> None:
+    await conn.execute("UPDATE follow_ups SET last_error = $2 WHERE task_id = $1", task_id, error)
+
+
+async def people_with_follow_ups(conn: Conn) -> set[str]:
+    rows = await conn.fetch("SELECT person_id FROM follow_ups WHERE state IN ('pending', 'open')")
+    return {row["person_id"] for row in rows}
+
+
+async def lead_for_person(conn: Conn, person_id: str) -> asyncpg.Record | None:
+    """The newest lead synced as this Person, for the follow-up's context."""
+    return await conn.fetchrow(
+        "SELECT * FROM leads WHERE crm_person_id = $1 ORDER BY last_seen_at DESC LIMIT 1", person_id
+    )
+
+
 async def ping(conn: Conn) -> None:
     await conn.fetchval("SELECT 1")

@@ -12,14 +12,14 @@ Every lead becomes exactly one Person:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from reactor import store
-from reactor.twenty import PersonInput, TwentyClient, TwentyError, TwentyRejected
+from reactor.twenty import Person, PersonInput, TwentyClient, TwentyError, TwentyRejected
 
 log = logging.getLogger("reactor.sync")
 
@@ -43,6 +43,7 @@ class Pushed:
     synced: dict[str, str] = field(default_factory=dict)  # lead_id -> person id
     suppressed: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # lead_id -> Twenty's message
+    people: list[Person] = field(default_factory=list)  # as Twenty returned them, for the follow-ups
 
 
 @dataclass
@@ -116,6 +117,7 @@ async def push(
             for lead in chunk:
                 await _push_one(lead, twenty, options, pushed)
             continue
+        pushed.people += people
         by_email = {person.email: person.id for person in people if person.email}
         for lead in chunk:
             person_id = by_email.get(lead["email"])
@@ -145,12 +147,14 @@ async def _push_one(lead: Mapping[str, Any], twenty: TwentyClient, options: Sync
                 return
             if existing is not None:
                 pushed.synced[lead["lead_id"]] = existing.id
+                pushed.people.append(existing)
                 return
         person = await twenty.upsert_person(person_input(lead, options.field_map))
     except TwentyRejected as exc:
         pushed.rejected[lead["lead_id"]] = str(exc)
         return
     pushed.synced[lead["lead_id"]] = person.id
+    pushed.people.append(person)
 
 
 async def record(db: asyncpg.Pool, pushed: Pushed) -> None:
@@ -190,7 +194,12 @@ async def sync_lead(db: asyncpg.Pool, twenty: TwentyClient, lead_id: str, option
 
 
 async def sync_backlog(
-    db: asyncpg.Pool, twenty: TwentyClient, options: SyncOptions, *, max_leads: int | None = None
+    db: asyncpg.Pool,
+    twenty: TwentyClient,
+    options: SyncOptions,
+    *,
+    max_leads: int | None = None,
+    on_synced: Callable[[list[Person]], Awaitable[None]] | None = None,
 ) -> BacklogResult:
     """Push every unsynced lead through Twenty's batch upsert, a batch at a time, oldest first.
 
@@ -222,6 +231,8 @@ async def sync_backlog(
             log.warning("sync.backlog_interrupted done=%d error=%s", done, exc)
             break
         await record(db, pushed)
+        if on_synced is not None and pushed.people:
+            await on_synced(pushed.people)
         result.synced += list(pushed.synced)
         result.suppressed += pushed.suppressed
         result.failed += [{"lead_id": k, "error": v} for k, v in pushed.rejected.items()]

@@ -125,6 +125,14 @@ class WorkspaceMember(TwentyModel):
     user_email: str | None = None
 
 
+class Webhook(TwentyModel):
+    id: str
+    target_url: str
+    operations: list[str] = Field(default_factory=list)
+    description: str | None = None
+    secret: str | None = None
+
+
 class PersonInput(BaseModel):
     """What reactor writes to a Person. `phone` is E.164 (intake normalised it)."""
 
@@ -159,6 +167,7 @@ def phone_body(e164: str) -> dict[str, str]:
 
 
 class TaskInput(BaseModel):
+    id: str | None = None  # chosen by reactor: creating with an id and upsert=true is idempotent
     title: str
     markdown: str | None = None
     status: TaskStatus | None = None
@@ -167,7 +176,7 @@ class TaskInput(BaseModel):
 
     def body(self, *, partial: bool = False) -> dict[str, Any]:
         fields = self.model_dump(exclude_unset=partial)
-        body: dict[str, Any] = {}
+        body: dict[str, Any] = {"id": fields["id"]} if fields.get("id") else {}
         if "title" in fields:
             body["title"] = fields["title"]
         if "markdown" in fields:
@@ -403,8 +412,19 @@ class TwentyClient:
         return Task.model_validate(body["data"]["task"])
 
     async def create_task(self, task: TaskInput) -> Task:
-        body = await self.request("POST", "/tasks", json=task.body())
+        """With `task.id` set this is an upsert: creating the same task twice leaves one."""
+        params = {"upsert": "true"} if task.id else None
+        body = await self.request("POST", "/tasks", params=params, json=task.body())
         return Task.model_validate(body["data"]["createTask"])
+
+    async def create_tasks(self, tasks: Sequence[TaskInput]) -> list[Task]:
+        """Twenty's batch create (upsert on the ids reactor chose), `batch_size` tasks a call."""
+        created: list[Task] = []
+        for start in range(0, len(tasks), self.batch_size):
+            chunk = [task.body() for task in tasks[start : start + self.batch_size]]
+            body = await self.request("POST", "/batch/tasks", params={"upsert": "true"}, json=chunk)
+            created += [Task.model_validate(item) for item in body["data"]["createTasks"]]
+        return created
 
     async def update_task(self, task_id: str, changes: TaskInput) -> Task:
         """Only the fields set on `changes` are sent."""
@@ -415,10 +435,44 @@ class TwentyClient:
         """A soft delete (to the trash, `task.deleted`); a plain DELETE would destroy the task for good."""
         await self.request("DELETE", f"/tasks/{task_id}", params={"soft_delete": "true"})
 
-    async def create_task_target(self, task_id: str, person_id: str) -> TaskTarget:
+    async def create_task_target(self, task_id: str, person_id: str, *, target_id: str | None = None) -> TaskTarget:
         field = await self.task_target_person_field()
-        body = await self.request("POST", "/taskTargets", json={"taskId": task_id, field: person_id})
+        record = {"taskId": task_id, field: person_id} | ({"id": target_id} if target_id else {})
+        params = {"upsert": "true"} if target_id else None
+        body = await self.request("POST", "/taskTargets", params=params, json=record)
         return TaskTarget.model_validate(body["data"]["createTaskTarget"])
+
+    async def create_task_targets(self, links: Sequence[tuple[str, str, str]]) -> list[TaskTarget]:
+        """Batch links (target id, task id, person id), upserted on the target ids reactor chose."""
+        field = await self.task_target_person_field()
+        created: list[TaskTarget] = []
+        for start in range(0, len(links), self.batch_size):
+            chunk = [{"id": target, "taskId": task, field: person} for target, task, person in
+                     links[start : start + self.batch_size]]  # fmt: skip
+            body = await self.request("POST", "/batch/taskTargets", params={"upsert": "true"}, json=chunk)
+            created += [TaskTarget.model_validate(item) for item in body["data"]["createTaskTargets"]]
+        return created
+
+    # -- webhook subscriptions (not rate-limited by Twenty) ----------------------------------------------
+
+    async def list_webhooks(self) -> list[Webhook]:
+        body = await self.request("GET", "/webhooks")
+        items = body if isinstance(body, list) else body.get("data", {}).get("webhooks", [])
+        return [Webhook.model_validate(item) for item in items]
+
+    async def create_webhook(
+        self, target_url: str, operations: Sequence[str], description: str, secret: str
+    ) -> Webhook:
+        """The secret is sent, not left to Twenty: servers before 2.x refuse a subscription without one."""
+        record = {"targetUrl": target_url, "operations": list(operations), "description": description,
+                  "secret": secret}  # fmt: skip
+        body = await self.request("POST", "/webhooks", json=record)
+        return Webhook.model_validate(body.get("data", body) if isinstance(body, dict) else body)
+
+    async def update_webhook(self, webhook_id: str, operations: Sequence[str], description: str) -> Webhook:
+        record = {"operations": list(operations), "description": description}
+        body = await self.request("PATCH", f"/webhooks/{webhook_id}", json=record)
+        return Webhook.model_validate(body.get("data", body) if isinstance(body, dict) else body)
 
     async def task_target_person_field(self) -> str:
         """`targetPersonId` (Twenty 1.17 and later) or `personId` (before), read once from the metadata API."""

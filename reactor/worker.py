@@ -17,16 +17,17 @@ from typing import Any
 from arq import Retry
 from arq.worker import Worker, func
 
-from reactor import deadletters, jobs, sync
+from reactor import assignees, deadletters, followups, jobs, store, sync
 from reactor.resources import Resources, open_resources
 from reactor.settings import Settings
-from reactor.twenty import TwentyClient, TwentyUnavailable
+from reactor.twenty import Person, TwentyClient, TwentyError, TwentyUnavailable
 
 log = logging.getLogger("reactor.worker")
 
 SYNC_LEAD_KEEP_RESULT_S = 10  # short: a later enqueue of the same sync:<lead_id> must not be refused for long
 BACKLOG_KEEP_RESULT_S = 24 * 3600  # GET /jobs/{id} shows a backlog run's result for a day
 MAX_RETRY_DELAY_S = 600.0
+POLL_DELAY_S = 0.1  # how often an idle worker looks for jobs: bounds the webhook-to-task latency
 
 
 def retry_delay(job_try: int, retry_after: float | None, base_s: float) -> float:
@@ -49,30 +50,80 @@ def sync_options(settings: Settings) -> sync.SyncOptions:
     )
 
 
+async def _retry_or_dead_letter(ctx: dict[str, Any], name: str, args: list[Any], exc: TwentyUnavailable) -> None:
+    """Retry a job Twenty could not serve, with growing delays; after the last try, record a dead letter."""
+    res: Resources = ctx["resources"]
+    if ctx["job_try"] < res.settings.sync_max_tries:
+        delay = retry_delay(ctx["job_try"], exc.retry_after, res.settings.sync_retry_base_s)
+        raise Retry(defer=delay) from exc
+    await deadletters.record(res.db, job_name=name, job_id=ctx["job_id"], args=args, error=str(exc),
+                             attempts=ctx["job_try"])  # fmt: skip
+
+
 async def sync_lead(ctx: dict[str, Any], lead_id: str) -> str:
     res, twenty = _resources(ctx)
     try:
         pushed = await sync.sync_lead(res.db, twenty, lead_id, sync_options(res.settings))
     except TwentyUnavailable as exc:
-        if ctx["job_try"] < res.settings.sync_max_tries:
-            delay = retry_delay(ctx["job_try"], exc.retry_after, res.settings.sync_retry_base_s)
-            raise Retry(defer=delay) from exc
-        # Out of tries: the lead stays unsynced (the sweep keeps trying), and the dead letter says why.
-        await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id=ctx["job_id"], args=[lead_id],
-                                 error=str(exc), attempts=ctx["job_try"])  # fmt: skip
+        # Out of tries, the lead stays unsynced (the sweep keeps trying), and the dead letter says why.
+        await _retry_or_dead_letter(ctx, jobs.SYNC_LEAD, [lead_id], exc)
         return "unavailable"
     if pushed is None:
+        # Already synced: a returning lead. Its person gets a new follow-up if the last one is done.
+        async with res.db.acquire() as conn:
+            lead = await conn.fetchrow("SELECT crm_person_id, suppressed FROM leads WHERE lead_id = $1", lead_id)
+        if lead and lead["crm_person_id"] and not lead["suppressed"]:
+            await jobs.enqueue_follow_up(res.redis, lead["crm_person_id"])
         return "skipped"
     if lead_id in pushed.rejected:
         await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id=ctx["job_id"], args=[lead_id],
                                  error=pushed.rejected[lead_id], attempts=ctx["job_try"])  # fmt: skip
         return "rejected"
+    if lead_id in pushed.synced:
+        # An upsert that matched an existing person sends no person.created: ask for the follow-up here.
+        await jobs.enqueue_follow_up(res.redis, pushed.synced[lead_id])
     return "suppressed" if pushed.suppressed else "synced"
+
+
+async def create_follow_up(ctx: dict[str, Any], person_id: str, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    res, _ = _resources(ctx)
+    person = Person.model_validate(record) if record else None
+    try:
+        outcome = await followups.create_follow_up(res.follow_up_deps(), person_id, person=person)
+    except TwentyUnavailable as exc:
+        await _retry_or_dead_letter(ctx, jobs.FOLLOW_UP, [person_id], exc)
+        return {"person_id": person_id, "status": "unavailable", "error": str(exc)}
+    if outcome.status == "failed":
+        await deadletters.record(res.db, job_name=jobs.FOLLOW_UP, job_id=ctx["job_id"], args=[person_id],
+                                 error=outcome.error or "failed", attempts=ctx["job_try"])  # fmt: skip
+    return outcome.as_dict()
+
+
+async def auto_assign(ctx: dict[str, Any]) -> dict[str, Any]:
+    """A follow-up for every person in Twenty without an open one, through the batch endpoints."""
+    res, twenty = _resources(ctx)
+    async with res.db.acquire() as conn:
+        covered = await store.people_with_follow_ups(conn)
+    people = [person async for person in twenty.list_people() if person.id not in covered]
+    try:
+        outcome = await followups.create_follow_ups(res.follow_up_deps(), people)
+    except TwentyUnavailable as exc:
+        await _retry_or_dead_letter(ctx, jobs.AUTO_ASSIGN, [], exc)
+        return {"created": 0, "failed": 0, "details": [], "error": str(exc)}
+    return outcome.as_dict()
 
 
 async def sync_backlog(ctx: dict[str, Any]) -> dict[str, Any]:
     res, twenty = _resources(ctx)
-    result = await sync.sync_backlog(res.db, twenty, sync_options(res.settings))
+    deps = res.follow_up_deps()
+
+    async def follow_up(people: list[Person]) -> None:
+        try:
+            await followups.create_follow_ups(deps, people)
+        except TwentyError as exc:  # the leads are synced; their follow-ups are resumed later (auto-assign)
+            log.warning("sync.follow_ups_deferred people=%d error=%s", len(people), exc)
+
+    result = await sync.sync_backlog(res.db, twenty, sync_options(res.settings), on_synced=follow_up)
     for failure in result.failed:
         await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id=jobs.sync_lead_job_id(failure["lead_id"]),
                                  args=[failure["lead_id"]], error=failure["error"], attempts=1)  # fmt: skip
@@ -93,6 +144,12 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
     ticker: dict[str, asyncio.Task[None]] = {}
 
     async def startup(ctx: dict[str, Any]) -> None:
+        if res.twenty is not None and not await res.cache.is_built():
+            try:  # a first start (or a flushed Redis): count the loads once before assigning anything
+                await assignees.refresh_members(res.twenty, res.cache, settings)
+                await assignees.rebuild_loads(res.twenty, res.cache, settings)
+            except TwentyError as exc:
+                log.warning("worker.load_cache_not_built error=%s (assignments use the loads seen so far)", exc)
         if sweep:
             ticker["task"] = asyncio.create_task(_sweep_ticker(res))
 
@@ -106,13 +163,20 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
                 sync_lead, name=jobs.SYNC_LEAD, keep_result=SYNC_LEAD_KEEP_RESULT_S, max_tries=settings.sync_max_tries
             ),
             func(sync_backlog, name=jobs.SYNC_BACKLOG, keep_result=BACKLOG_KEEP_RESULT_S, timeout=3600),
+            func(
+                create_follow_up,
+                name=jobs.FOLLOW_UP,
+                keep_result=SYNC_LEAD_KEEP_RESULT_S,
+                max_tries=settings.sync_max_tries,
+            ),
+            func(auto_assign, name=jobs.AUTO_ASSIGN, keep_result=BACKLOG_KEEP_RESULT_S, timeout=3600),
         ],
         redis_pool=res.redis,
         ctx={"resources": res},
         on_startup=startup,
         on_shutdown=shutdown,
         burst=burst,
-        poll_delay=0 if burst else 0.5,
+        poll_delay=0 if burst else POLL_DELAY_S,
         handle_signals=not burst,
         max_jobs=20,
         job_timeout=300,

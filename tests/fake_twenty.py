@@ -26,17 +26,111 @@ class FakeTwenty:
     batches: list[list[dict[str, Any]]] = field(default_factory=list)
     fail_next: list[httpx.Response] = field(default_factory=list)  # answered first, in order
     reject_emails: set[str] = field(default_factory=set)  # a batch holding one of these gets a 400
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    members: list[dict[str, Any]] = field(default_factory=list)
+    reject_tasks: bool = False  # task creation answers 400
+    task_target_field: str = "targetPersonId"  # "personId" plays a server from before 1.17
 
     def install(self, router: respx.MockRouter) -> None:
+        self.router = router  # tests add their own routes (the LLM) to it
         router.post(f"{BASE_URL}/batch/people").mock(side_effect=self._batch)
         router.post(f"{BASE_URL}/people").mock(side_effect=self._one)
         router.get(url__regex=rf"{re.escape(BASE_URL)}/people(\?.*)?$").mock(side_effect=self._list)
+        router.get(url__regex=rf"{re.escape(BASE_URL)}/people/[^/?]+").mock(side_effect=self._get_person)
+        router.post(url__regex=rf"{re.escape(BASE_URL)}/(batch/)?tasks(\?.*)?$").mock(side_effect=self._create_tasks)
+        router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks(\?.*)?$").mock(side_effect=self._list_tasks)
+        router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks/[^/?]+").mock(side_effect=self._get_task)
+        router.post(url__regex=rf"{re.escape(BASE_URL)}/(batch/)?taskTargets").mock(side_effect=self._create_targets)
+        router.get(f"{BASE_URL}/workspaceMembers").mock(side_effect=self._members)
+        router.get(f"{BASE_URL}/metadata/objects").mock(side_effect=self._metadata)
 
-    def add_person(self, email: str, *, deleted: bool = False, phone: str | None = None) -> str:
+    def add_member(self, member_id: str, email: str) -> None:
+        self.members.append({"id": member_id, "userEmail": email, "name": {"firstName": member_id, "lastName": ""}})
+
+    def add_task(self, task_id: str, assignee: str | None, status: str = "TODO") -> None:
+        self.tasks[task_id] = {"id": task_id, "assigneeId": assignee, "status": status, "deletedAt": None,
+                               "updatedAt": "2026-11-24T09:00:00.000Z", "title": "seeded"}  # fmt: skip
+
+    def _envelope(self, key: str, items: list[dict[str, Any]]) -> httpx.Response:
+        info = {"hasNextPage": False, "hasPreviousPage": False, "startCursor": None, "endCursor": None}
+        return httpx.Response(200, json={"data": {key: items}, "totalCount": len(items), "pageInfo": info})
+
+    def _get_person(self, request: httpx.Request) -> httpx.Response:
+        self.calls["get_person"] += 1
+        person = self.people.get(request.url.path.rsplit("/", 1)[-1])
+        if person is None:
+            return _error(404, "Record not found")
+        return httpx.Response(200, json={"data": {"person": person}})
+
+    def _create_tasks(self, request: httpx.Request) -> httpx.Response:
+        batch = "/batch/" in request.url.path
+        self.calls["batch_tasks" if batch else "create_task"] += 1
+        if failure := self._failure():
+            return failure
+        if self.reject_tasks:
+            return _error(400, "Invalid assignee")
+        records = json.loads(request.content)
+        saved = []
+        for record in records if batch else [records]:
+            task = self.tasks.setdefault(record.get("id") or str(uuid.uuid4()), {"deletedAt": None})
+            task.update(record)
+            task["id"] = task.get("id") or record.get("id")
+            task["updatedAt"] = "2026-11-24T12:00:00.000Z"
+            saved.append(task)
+        key = "createTasks" if batch else "createTask"
+        return httpx.Response(201, json={"data": {key: saved if batch else saved[0]}})
+
+    def _list_tasks(self, request: httpx.Request) -> httpx.Response:
+        self.calls["list_tasks"] += 1
+        text = request.url.params.get("filter", "")
+        wanted = re.search(r"status\[in\]:\[([^\]]*)\]", text)
+        statuses = {v.strip().strip('"') for v in wanted.group(1).split(",")} if wanted else None
+        found = [
+            t for t in self.tasks.values() if t["deletedAt"] is None and (statuses is None or t["status"] in statuses)
+        ]
+        return self._envelope("tasks", found)
+
+    def _get_task(self, request: httpx.Request) -> httpx.Response:
+        self.calls["get_task"] += 1
+        task = self.tasks.get(request.url.path.rsplit("/", 1)[-1])
+        if task is None:
+            return _error(404, "Record not found")
+        return httpx.Response(200, json={"data": {"task": task}})
+
+    def _create_targets(self, request: httpx.Request) -> httpx.Response:
+        batch = "/batch/" in request.url.path
+        self.calls["batch_targets" if batch else "create_target"] += 1
+        if failure := self._failure():
+            return failure
+        records = json.loads(request.content)
+        saved = []
+        for record in records if batch else [records]:
+            if self.task_target_field not in record:
+                return _error(400, f"Field metadata not found for field: {next(k for k in record if 'erson' in k)}")
+            target = {"id": record.get("id") or str(uuid.uuid4()), **record}
+            self.task_targets[target["id"]] = target
+            saved.append(target)
+        key = "createTaskTargets" if batch else "createTaskTarget"
+        return httpx.Response(201, json={"data": {key: saved if batch else saved[0]}})
+
+    def _members(self, request: httpx.Request) -> httpx.Response:
+        self.calls["members"] += 1
+        return self._envelope("workspaceMembers", self.members)
+
+    def _metadata(self, request: httpx.Request) -> httpx.Response:
+        self.calls["metadata"] += 1
+        person = "targetPerson" if self.task_target_field == "targetPersonId" else "person"
+        fields = [{"name": name} for name in ("id", "task", person)]
+        return httpx.Response(200, json={"data": {"objects": [{"nameSingular": "taskTarget", "fields": fields}]}})
+
+    def add_person(
+        self, email: str, *, deleted: bool = False, phone: str | None = None, first: str = "", last: str = ""
+    ) -> str:
         person_id = str(uuid.uuid4())
         self.people[person_id] = {
             "id": person_id,
-            "name": {"firstName": "", "lastName": ""},
+            "name": {"firstName": first, "lastName": last},
             "emails": {"primaryEmail": email, "additionalEmails": None},
             "phones": {"primaryPhoneNumber": phone or "", "primaryPhoneCountryCode": "", "primaryPhoneCallingCode": ""},
             "deletedAt": "2026-11-01T00:00:00.000Z" if deleted else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import anyio
 import asyncpg
 import httpx
 import pytest
+import respx
 from redis.asyncio import Redis
 
 from reactor.devstack import free_port
@@ -109,3 +111,45 @@ async def test_replay_re_enqueues_dead_letters(
     finally:
         await conn.close()
     assert await redis.exists("arq:job:sync:d1") == 1
+
+
+def test_webhook_install_creates_then_updates_and_status_reports(
+    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reactor.cli import main
+
+    for name, value in _env(database_url, redis_url, TWENTY_REST_URL="http://twenty.test",
+                            TWENTY_REST_TOKEN="tok").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    hooks: list[dict[str, object]] = []
+
+    def create(request: httpx.Request) -> httpx.Response:
+        hook = {"id": "w1", **json.loads(request.content)}
+        hooks.append(hook)
+        return httpx.Response(201, json=hook)
+
+    def update(request: httpx.Request) -> httpx.Response:
+        hooks[0].update(json.loads(request.content))
+        return httpx.Response(200, json=hooks[0])
+
+    with respx.mock(assert_all_called=False) as router:
+        router.get("http://twenty.test/rest/webhooks").mock(side_effect=lambda _: httpx.Response(200, json=hooks))
+        router.post("http://twenty.test/rest/webhooks").mock(side_effect=create)
+        router.patch("http://twenty.test/rest/webhooks/w1").mock(side_effect=update)
+
+        assert main(["webhook", "install", "--url", "http://127.0.0.1:8000/webhooks/twenty"]) == 0
+        first = capsys.readouterr().out
+        assert main(["webhook", "install", "--url", "http://127.0.0.1:8000/webhooks/twenty"]) == 0
+        second = capsys.readouterr().out
+        monkeypatch.setenv("TWENTY_WEBHOOK_SECRET", str(hooks[0]["secret"]))
+        assert main(["webhook", "status"]) == 0
+        status = capsys.readouterr().out
+
+    assert len(hooks) == 1
+    assert hooks[0]["operations"] == ["person.created", "task.*"]
+    assert f"TWENTY_WEBHOOK_SECRET={hooks[0]['secret']}" in first
+    assert "OUTBOUND_HTTP_ALLOWED_INTERNAL_HOSTS" in first  # loopback: Twenty would refuse it by default
+    assert second.startswith("updated webhook w1")
+    assert "missing for reactor: nothing" in status
+    assert "secret: matches TWENTY_WEBHOOK_SECRET" in status
+    assert str(hooks[0]["secret"]) not in status

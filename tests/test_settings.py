@@ -119,3 +119,23 @@ def test_every_variable_is_documented_in_env_example_and_readme() -> None:
     documented = {line.lstrip("# ").split("=", 1)[0] for line in example.splitlines() if "=" in line}
     assert names <= documented, names - documented
     assert all(f"`{name}`" in readme for name in names), [n for n in names if f"`{n}`" not in readme]
+
+
+def test_assignment_settings_are_parsed_and_checked() -> None:
+    parsed = load_settings(
+        None,
+        LEAD_API_KEYS="a:b",
+        LOAD_STATUSES="todo, IN_PROGRESS",
+        ASSIGNEE_EMAILS="Ann@Acme.com, bob@acme.com",
+        ASSIGNEE_WEIGHTS="ann@acme.com:2,bob@acme.com:0.5",
+        OLLAMA_URL="http://gpu-box:11434/",
+    )
+    assert parsed.load_statuses == ("TODO", "IN_PROGRESS")
+    assert parsed.assignee_emails == {"ann@acme.com", "bob@acme.com"}
+    assert parsed.assignee_weights == {"ann@acme.com": 2.0, "bob@acme.com": 0.5}
+    assert parsed.ollama_url == "http://gpu-box:11434"
+    with pytest.raises(SettingsError) as raised:
+        load_settings(None, LEAD_API_KEYS="a:b", LOAD_STATUSES="OPEN", ASSIGNEE_WEIGHTS="ann@acme.com:0")
+    message = str(raised.value)
+    assert "LOAD_STATUSES" in message
+    assert "ASSIGNEE_WEIGHTS" in message

@@ -19,6 +19,15 @@ def _is_json(content_type: str) -> bool:
 
 async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
     """The request's JSON body: 415 for another content type, 413 past `max_bytes`, 400 when malformed."""
+    body = await read_body(request, max_bytes)
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedJson(f"body is not valid JSON: {exc}") from None
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw JSON body, exactly as received: 415 for another content type, 413 past `max_bytes`."""
     if not _is_json(request.headers.get("content-type", "")):
         raise UnsupportedMediaType("send the body as Content-Type: application/json")
     declared = request.headers.get("content-length", "")
@@ -29,10 +38,7 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedJson(f"body is not valid JSON: {exc}") from None
+    return bytes(body)
 
 
 def int_param(request: Request, name: str, *, default: int, low: int, high: int) -> int:

@@ -30,6 +30,13 @@ async def sync_crm(request: Request) -> JSONResponse:
     return JSONResponse({"job_id": job_id, "status": "queued"}, status_code=202)
 
 
+async def auto_assign(request: Request) -> JSONResponse:
+    res = _resources(request)
+    job_id = f"{jobs.AUTO_ASSIGN}:{uuid.uuid4().hex}"
+    await jobs.enqueue(res.redis, jobs.AUTO_ASSIGN, job_id=job_id)
+    return JSONResponse({"job_id": job_id, "status": "queued"}, status_code=202)
+
+
 async def job_status(request: Request) -> JSONResponse:
     res = _resources(request)
     job_id = request.path_params["job_id"]
@@ -76,6 +83,7 @@ async def failed_jobs(request: Request) -> JSONResponse:
 
 routes = [
     Route("/sync-crm", sync_crm, methods=["POST"]),
+    Route("/tasks/auto-assign", auto_assign, methods=["POST"]),
     Route("/jobs/failed", failed_jobs, methods=["GET"]),
     Route("/jobs/{job_id}", job_status, methods=["GET"]),
 ]

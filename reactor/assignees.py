@@ -1,0 +1,62 @@
+"""Who gets a follow-up: the eligible workspace members (ASSIGNEE_EMAILS, ASSIGNEE_WEIGHTS) and the pick itself,
+made in the Redis load cache with no CRM call. Each pick is logged with the loads it saw."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from reactor.loadcache import LoadCache, Pick, TaskState, to_ms
+from reactor.settings import Settings
+from reactor.twenty import TwentyClient, one_of
+
+log = logging.getLogger("reactor.assign")
+_first_build = asyncio.Lock()
+
+
+async def refresh_members(twenty: TwentyClient, cache: LoadCache, settings: Settings) -> dict[str, float]:
+    """Read the workspace members from Twenty and make the eligible ones pickable, with their weights."""
+    members = await twenty.list_workspace_members()
+    eligible: dict[str, float] = {}
+    for member in members:
+        email = (member.user_email or "").lower()
+        if settings.assignee_emails and email not in settings.assignee_emails:
+            continue
+        eligible[member.id] = settings.assignee_weights.get(email, 1.0)
+    missing = settings.assignee_emails - {(m.user_email or "").lower() for m in members}
+    if missing:
+        log.warning("assign.unknown_assignees emails=%s (not workspace members)", ",".join(sorted(missing)))
+    await cache.set_members(eligible)
+    log.info("assign.members eligible=%d of=%d", len(eligible), len(members))
+    return eligible
+
+
+async def pick(twenty: TwentyClient, cache: LoadCache, settings: Settings, task_id: str) -> Pick | None:
+    """Reserve the member for a new task (its id is the reservation). None when nobody is eligible."""
+    if not await cache.is_built():  # first use (or Redis was flushed): count the loads before choosing
+        async with _first_build:  # once per process, however many picks are waiting
+            if not await cache.is_built():
+                await refresh_members(twenty, cache, settings)
+                await rebuild_loads(twenty, cache, settings)
+    chosen = await cache.pick(task_id)
+    if chosen is None and not await cache.members():
+        await refresh_members(twenty, cache, settings)  # the members were never read
+        chosen = await cache.pick(task_id)
+    if chosen is None:
+        log.warning("assign.no_eligible_member task=%s (the task is created unassigned)", task_id)
+        return None
+    log.info("assign.picked task=%s member=%s loads_seen=%s", task_id, chosen.member_id, chosen.loads_seen)
+    return chosen
+
+
+async def rebuild_loads(twenty: TwentyClient, cache: LoadCache, settings: Settings) -> dict[str, int]:
+    """Recount every member's load from Twenty's open tasks (every page), keeping events that arrive meanwhile.
+    Returns the counts as they were before."""
+    started_ms = int(time.time() * 1000)
+    statuses = one_of(settings.load_statuses)
+    tasks = [TaskState(task.id, task.assignee_id, task.status, to_ms(task.updated_at))
+             async for task in twenty.list_tasks(f"status[in]:{statuses}")]  # fmt: skip
+    before = await cache.rebuild(tasks, started_ms=started_ms, built_ms=int(time.time() * 1000))
+    log.info("assign.loads_rebuilt tasks=%d loads=%s", len(tasks), await cache.loads())
+    return before

@@ -1,0 +1,252 @@
+"""The member-load cache in Redis: open tasks per workspace member, kept current by Twenty's task events, so
+picking an assignee costs no CRM call.
+
+Keys (all under `reactor:load:`):
+  tasks     hash  task id -> "assignee|counted|version|deleted": the last known state of every task seen
+  counts    hash  member id -> open tasks (+ reservations) assigned to them
+  reserved  hash  task id -> member: assignments made but not yet confirmed by Twenty
+  members   hash  member id -> capacity weight: who may be picked
+  last      hash  member id -> sequence of their last assignment (ties go to the least recently assigned)
+  seq       counter for `last`
+  built     when the cache was last rebuilt from Twenty
+
+Every change is one Lua script, so concurrent events, picks and rebuilds never interleave inside one. An event
+carries the task's new state only, so the old state is read from `tasks`; an event no newer than what is stored
+(a duplicate, or one that arrived late) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from redis.asyncio import Redis
+
+log = logging.getLogger("reactor.loadcache")
+
+PREFIX = "reactor:load:"
+KEYS = [f"{PREFIX}{name}" for name in ("tasks", "counts", "reserved", "members", "last", "seq", "built")]
+TERMINAL = 9_000_000_000_000_000  # the version of a destroyed task: nothing after it applies
+
+_LIB = """
+local function parse(entry)
+  local a, c, v, d = string.match(entry, '^(.-)|(%d)|(%d+)|(%d)$')
+  return a, tonumber(c), tonumber(v), tonumber(d)
+end
+local function bump(member, by)
+  if member ~= '' then redis.call('HINCRBY', KEYS[2], member, by) end
+end
+"""
+
+# ARGV: task id, assignee ('' if none), open (1/0), version (ms), deleted (1/0), mode ('full'|'partial'|'restore')
+_APPLY = (
+    _LIB
+    + """
+local id, assignee, open, version, deleted, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6]
+local entry = redis.call('HGET', KEYS[1], id)
+local old_assignee, old_counted, old_version = '', 0, -1
+if entry then
+  old_assignee, old_counted, old_version = parse(entry)
+  if version < old_version or (version == old_version and mode ~= 'restore') then return 0 end
+  if mode == 'partial' then assignee = old_assignee end
+end
+local counted = 0
+if open == 1 and deleted == 0 and assignee ~= '' then counted = 1 end
+if old_counted == 1 then bump(old_assignee, -1) end
+if counted == 1 then bump(assignee, 1) end
+redis.call('HSET', KEYS[1], id, assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|' .. deleted)
+return 1
+"""
+)
+
+# ARGV: reservation (= task) id. Returns {member, loads-json} or false when no member is eligible.
+_PICK = """
+local existing = redis.call('HGET', KEYS[3], ARGV[1])
+if existing then return {existing, '{}'} end
+local members = redis.call('HGETALL', KEYS[4])
+local best, best_score, best_last = nil, nil, nil
+local seen = {}
+for i = 1, #members, 2 do
+  local member, weight = members[i], tonumber(members[i + 1])
+  local load = tonumber(redis.call('HGET', KEYS[2], member) or '0')
+  local last = tonumber(redis.call('HGET', KEYS[5], member) or '0')
+  local score = load / weight
+  seen[member] = load
+  if best == nil or score < best_score or (score == best_score and (last < best_last
+      or (last == best_last and member < best))) then
+    best, best_score, best_last = member, score, last
+  end
+end
+if best == nil then return false end
+redis.call('HINCRBY', KEYS[2], best, 1)
+redis.call('HSET', KEYS[5], best, redis.call('INCR', KEYS[6]))
+redis.call('HSET', KEYS[3], ARGV[1], best)
+return {best, cjson.encode(seen)}
+"""
+
+# ARGV: task id, version. The reservation becomes the task, unless a task event already counted it.
+_CONFIRM = (
+    _LIB
+    + """
+local member = redis.call('HGET', KEYS[3], ARGV[1])
+if not member then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  bump(member, -1)
+else
+  redis.call('HSET', KEYS[1], ARGV[1], member .. '|1|' .. ARGV[2] .. '|0')
+end
+return 1
+"""
+)
+
+_RELEASE = (
+    _LIB
+    + """
+local member = redis.call('HGET', KEYS[3], ARGV[1])
+if not member then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+bump(member, -1)
+return 1
+"""
+)
+
+# ARGV: started (ms), built-at (ms), then task id, assignee, version for every open task Twenty listed.
+# Entries newer than the snapshot (events that arrived while it was taken) win; counts are recomputed whole.
+_REBUILD = (
+    _LIB
+    + """
+local started = tonumber(ARGV[1])
+local listed = {}
+for i = 3, #ARGV, 3 do
+  local id, assignee, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  listed[id] = true
+  local entry = redis.call('HGET', KEYS[1], id)
+  local keep = false
+  if entry then
+    local _, _, old_version = parse(entry)
+    keep = old_version > version
+  end
+  if not keep then
+    local counted = 0
+    if assignee ~= '' then counted = 1 end
+    redis.call('HSET', KEYS[1], id, assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|0')
+  end
+end
+local all = redis.call('HGETALL', KEYS[1])
+local counts = {}
+for i = 1, #all, 2 do
+  local id = all[i]
+  local assignee, counted, version, deleted = parse(all[i + 1])
+  if counted == 1 and not listed[id] and version < started then
+    counted = 0  -- open when last seen, not open in Twenty now: its closing event was lost
+    redis.call('HSET', KEYS[1], id, assignee .. '|0|' .. string.format('%d', version) .. '|' .. deleted)
+  end
+  if counted == 1 and assignee ~= '' then counts[assignee] = (counts[assignee] or 0) + 1 end
+end
+local reserved = redis.call('HGETALL', KEYS[3])
+for i = 1, #reserved, 2 do counts[reserved[i + 1]] = (counts[reserved[i + 1]] or 0) + 1 end
+local before = redis.call('HGETALL', KEYS[2])
+redis.call('DEL', KEYS[2])
+for member, n in pairs(counts) do redis.call('HSET', KEYS[2], member, n) end
+redis.call('SET', KEYS[7], ARGV[2])
+return before
+"""
+)
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """A task as an event (or a listing) shows it."""
+
+    task_id: str
+    assignee_id: str | None
+    status: str | None
+    version_ms: int  # updatedAt (or deletedAt when later) in ms: orders events of one task
+    deleted: bool = False
+    partial: bool = False  # the record held only id/deletedAt (older Twenty): keep the known assignee
+
+
+@dataclass(frozen=True)
+class Pick:
+    member_id: str
+    loads_seen: dict[str, int]
+
+
+def to_ms(value: str | datetime | None) -> int:
+    if value is None:
+        return 0
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return int(moment.timestamp() * 1000)
+
+
+class LoadCache:
+    def __init__(self, redis: Redis, *, load_statuses: Iterable[str]) -> None:
+        self._redis = redis
+        self._load_statuses = frozenset(load_statuses)
+        self._apply = redis.register_script(_APPLY)
+        self._pick = redis.register_script(_PICK)
+        self._confirm = redis.register_script(_CONFIRM)
+        self._release = redis.register_script(_RELEASE)
+        self._rebuild = redis.register_script(_REBUILD)
+
+    def counts_as_load(self, status: str | None) -> bool:
+        return status in self._load_statuses
+
+    async def apply(self, state: TaskState, *, restore: bool = False, destroyed: bool = False) -> bool:
+        """Apply one task event; False when it was stale or a duplicate."""
+        mode = "restore" if restore else "partial" if state.partial else "full"
+        version = TERMINAL if destroyed else state.version_ms
+        open_ = 1 if self.counts_as_load(state.status) else 0
+        deleted = 1 if state.deleted or destroyed else 0
+        args: list[str | int] = [state.task_id, state.assignee_id or "", open_, version, deleted, mode]
+        return bool(await self._apply(keys=KEYS, args=args))
+
+    async def pick(self, reservation_id: str) -> Pick | None:
+        """Reserve the eligible member with the lowest load (weighted); ties go to the least recently assigned.
+        Picking twice with one reservation id returns the same member. None when no member is eligible."""
+        result = await self._pick(keys=KEYS, args=[reservation_id])
+        if not result:
+            return None
+        member, loads = result
+        return Pick(member.decode() if isinstance(member, bytes) else member, json.loads(loads))
+
+    async def confirm(self, task_id: str, version_ms: int) -> None:
+        """Twenty created the reserved task (its id is the reservation id)."""
+        await self._confirm(keys=KEYS, args=[task_id, version_ms])
+
+    async def release(self, reservation_id: str) -> bool:
+        return bool(await self._release(keys=KEYS, args=[reservation_id]))
+
+    async def set_members(self, weights: Mapping[str, float]) -> None:
+        """Replace the eligible members (member id -> capacity weight), atomically."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{PREFIX}members")
+            if weights:
+                pipe.hset(f"{PREFIX}members", mapping=dict(weights))
+            await pipe.execute()
+
+    async def members(self) -> dict[str, float]:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}members")  # type: ignore[misc]
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    async def loads(self) -> dict[str, int]:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}counts")  # type: ignore[misc]
+        return {k.decode(): int(v) for k, v in raw.items() if int(v)}
+
+    async def is_built(self) -> bool:
+        return bool(await self._redis.exists(f"{PREFIX}built"))
+
+    async def rebuild(self, open_tasks: Iterable[TaskState], *, started_ms: int, built_ms: int) -> dict[str, int]:
+        """Replace the counts with what Twenty listed (every task in a load status, listed from `started_ms`),
+        keeping events newer than the listing. Returns the counts as they were before (to report drift)."""
+        args: list[str | int] = [started_ms, built_ms]
+        for task in open_tasks:
+            args += [task.task_id, task.assignee_id or "", task.version_ms]
+        before = await self._rebuild(keys=KEYS, args=args)
+        pairs = [item.decode() if isinstance(item, bytes) else item for item in before]
+        return {pairs[i]: int(pairs[i + 1]) for i in range(0, len(pairs), 2)}

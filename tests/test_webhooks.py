@@ -1,0 +1,188 @@
+"""POST /webhooks/twenty: Twenty's signature scheme checked against its real deliveries, replays and duplicates
+refused, task events applied to the load cache, person.created turned into a queued follow-up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from reactor import jobs
+from reactor.loadcache import LoadCache
+from reactor.settings import Settings
+from reactor.webhooks import SignatureRejected, parse_event, signature, verify
+from tests.conftest import app_client
+from tests.fixtures import recorded_deliveries, webhook_secrets
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "local-test-secret"
+
+
+def headers_of(delivery: dict[str, Any]) -> dict[str, str]:
+    return {name.lower(): value for name, value in delivery["headers"]}
+
+
+def delivery(event: str) -> dict[str, Any]:
+    return next(d for d in recorded_deliveries() if d["body_json"]["eventName"] == event)
+
+
+@pytest.mark.parametrize("index", range(55))
+def test_every_recorded_delivery_verifies_with_its_subscriptions_secret(index: int) -> None:
+    sent = recorded_deliveries()[index]
+    headers = headers_of(sent)
+    secret = webhook_secrets()[sent["body_json"]["webhookId"]]
+    nonce = verify(secret, headers, sent["body_raw"].encode(),
+                   now_ms=int(headers["x-twenty-webhook-timestamp"]), tolerance_s=300)  # fmt: skip
+    assert nonce == headers["x-twenty-webhook-nonce"]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"body": b'{"eventName":"person.created","record":{"id":"x"}}'}, "signature does not match"),
+        ({"secret": "another-secret"}, "signature does not match"),
+        ({"now_delta_ms": 301_000}, "more than 300s away"),
+        ({"now_delta_ms": -301_000}, "more than 300s away"),
+        ({"drop": "x-twenty-webhook-signature"}, "missing"),
+        ({"drop": "x-twenty-webhook-timestamp"}, "missing"),
+    ],
+)
+def test_tampered_stale_and_unsigned_deliveries_are_rejected(change: dict[str, Any], reason: str) -> None:
+    sent = delivery("person.created")
+    headers = headers_of(sent)
+    headers.pop(change.get("drop", ""), None)
+    now = int(headers.get("x-twenty-webhook-timestamp", "0")) + change.get("now_delta_ms", 0)
+    with pytest.raises(SignatureRejected, match=reason):
+        verify(change.get("secret", SECRET), headers, change.get("body", sent["body_raw"].encode()),
+               now_ms=now, tolerance_s=300)  # fmt: skip
+
+
+def test_an_event_id_is_stable_across_re_sends_and_differs_per_change() -> None:
+    updates = [d["body_json"] for d in recorded_deliveries() if d["body_json"]["eventName"] == "task.updated"]
+    first = parse_event(updates[0])
+    resent = parse_event({**updates[0], "eventDate": "2030-01-01T00:00:00.000Z"})  # a re-send has a new date
+    assert first.event_id == resent.event_id
+    assert len({parse_event(u).event_id for u in updates}) == len(updates)
+
+
+# -- the route ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hook_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"twenty_webhook_secret": SecretStr(SECRET)})
+
+
+@pytest.fixture
+async def api(hook_settings: Settings, db: object, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(hook_settings) as http:
+        yield http
+
+
+def signed(
+    body: str | bytes, *, secret: str = SECRET, ts: int | None = None, nonce: str | None = None
+) -> dict[str, str]:
+    raw = body.encode() if isinstance(body, str) else body
+    stamp = str(ts if ts is not None else int(time.time() * 1000))
+    return {
+        "content-type": "application/json",
+        "x-twenty-webhook-timestamp": stamp,
+        "x-twenty-webhook-signature": signature(secret, stamp, raw),
+        "x-twenty-webhook-nonce": nonce or secrets.token_hex(16),
+    }
+
+
+async def post(api: httpx.AsyncClient, body: str, **sign: Any) -> httpx.Response:
+    return await api.post("/webhooks/twenty", content=body.encode(), headers=signed(body, **sign))
+
+
+def task_event(name: str, task_id: str, assignee: str | None, status: str, updated: str, **extra: Any) -> str:
+    record = {"id": task_id, "assigneeId": assignee, "status": status, "updatedAt": updated, "deletedAt": None}
+    body = {"eventName": name, "webhookId": "w1", "objectMetadata": {"nameSingular": "task"},
+            "record": record | extra}  # fmt: skip
+    return json.dumps(body, separators=(",", ":"))
+
+
+async def test_person_created_queues_one_follow_up(api: httpx.AsyncClient, redis: Redis) -> None:
+    body = delivery("person.created")["body_raw"]
+    person_id = json.loads(body)["record"]["id"]
+    response = await post(api, body)
+    assert response.status_code == 202
+    assert response.json()["status"] == "follow_up_queued"
+    assert await redis.exists(f"arq:job:{jobs.follow_up_job_id(person_id)}") == 1
+
+    again = await post(api, body)  # Twenty's duplicate: same change, new nonce and timestamp
+    assert (again.status_code, again.json()["status"]) == (200, "duplicate")
+
+
+async def test_duplicate_deliveries_at_once_queue_one_job(api: httpx.AsyncClient, redis: Redis) -> None:
+    body = delivery("person.created")["body_raw"]
+    responses = await asyncio.gather(*(post(api, body) for _ in range(20)))
+    assert sorted(r.json()["status"] for r in responses) == ["duplicate"] * 19 + ["follow_up_queued"]
+    assert await redis.zcard("arq:queue") == 1
+
+
+async def test_rejections_are_401_with_a_reason(api: httpx.AsyncClient) -> None:
+    body = delivery("person.created")["body_raw"]
+    wrong = await post(api, body, secret="not-the-secret")
+    assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_signature")
+    assert wrong.json()["detail"] == "signature does not match"
+    stale = await post(api, body, ts=int(time.time() * 1000) - 10 * 60 * 1000)
+    assert stale.status_code == 401
+    assert "away from now" in stale.json()["detail"]
+    unsigned = await api.post("/webhooks/twenty", content=body, headers={"content-type": "application/json"})
+    assert unsigned.status_code == 401
+
+    headers = signed(body)
+    first = await api.post("/webhooks/twenty", content=body, headers=headers)
+    replay = await api.post("/webhooks/twenty", content=body, headers=headers)  # the same request, captured
+    assert first.status_code == 202
+    assert (replay.status_code, replay.json()["detail"]) == (401, "this delivery was already received (replayed nonce)")
+
+
+async def test_bad_bodies_are_4xx_not_500(api: httpx.AsyncClient) -> None:
+    assert (await post(api, "{not json")).status_code == 400
+    missing = await post(api, json.dumps({"eventName": "person.created", "record": {}}))
+    assert (missing.status_code, missing.json()["error"]) == (400, "invalid_event")
+    other = await post(api, json.dumps({"eventName": "company.created", "record": {"id": "c1"}}))
+    assert (other.status_code, other.json()["status"]) == (202, "ignored")
+
+
+async def test_webhooks_off_without_a_secret(settings: Settings, db: object, redis: Redis) -> None:
+    async with app_client(settings) as http:
+        response = await http.post("/webhooks/twenty", content=b"{}", headers=signed("{}"))
+    assert (response.status_code, response.json()["error"]) == (503, "not_configured")
+
+
+async def test_task_events_keep_the_load_cache_current_in_any_order(api: httpx.AsyncClient, redis: Redis) -> None:
+    cache = LoadCache(redis, load_statuses=["TODO"])
+    created = task_event("task.created", "t1", "m1", "TODO", "2026-11-24T10:00:00.000Z")
+    moved = task_event("task.updated", "t1", "m2", "TODO", "2026-11-24T10:05:00.000Z", updatedFields=["assigneeId"])
+    done = task_event("task.updated", "t1", "m2", "DONE", "2026-11-24T10:09:00.000Z")
+
+    assert (await post(api, moved)).json()["status"] == "applied"  # arrives first
+    assert (await post(api, created)).json()["status"] == "stale"  # older than what is known: no effect
+    assert await cache.loads() == {"m2": 1}
+    await post(api, done)
+    assert await cache.loads() == {}
+
+
+async def test_the_recorded_task_events_apply(api: httpx.AsyncClient, redis: Redis) -> None:
+    cache = LoadCache(redis, load_statuses=["TODO"])
+    sent = [d for d in recorded_deliveries() if d["body_json"]["eventName"].startswith("task.")]
+    for item in sent:
+        response = await post(api, item["body_raw"])
+        assert response.status_code in (200, 202), response.text
+    # Replayed in the recorded order: whatever stayed open is counted once, against its assignee.
+    loads = await cache.loads()
+    assert all(count >= 0 for count in loads.values())
+    assert sum(loads.values()) <= len({d["body_json"]["record"]["id"] for d in sent})
