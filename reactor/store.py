@@ -348,6 +348,15 @@ async def note_follow_up_error(conn: Conn, task_id: str, error: str) -> None:
     await conn.execute("UPDATE follow_ups SET last_error = $2 WHERE task_id = $1", task_id, error)
 
 
+async def stale_pending_follow_ups(conn: Conn) -> list[str]:
+    """People whose follow-up was left pending by a worker that died (or by an outage): to be resumed."""
+    rows = await conn.fetch(
+        "SELECT person_id FROM follow_ups WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)",
+        float(STALE_PENDING_S),
+    )
+    return [row["person_id"] for row in rows]
+
+
 async def people_with_follow_ups(conn: Conn) -> set[str]:
     rows = await conn.fetch("SELECT person_id FROM follow_ups WHERE state IN ('pending', 'open')")
     return {row["person_id"] for row in rows}

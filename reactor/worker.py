@@ -27,6 +27,7 @@ log = logging.getLogger("reactor.worker")
 SYNC_LEAD_KEEP_RESULT_S = 10  # short: a later enqueue of the same sync:<lead_id> must not be refused for long
 BACKLOG_KEEP_RESULT_S = 24 * 3600  # GET /jobs/{id} shows a backlog run's result for a day
 MAX_RETRY_DELAY_S = 600.0
+MEMBERS_REFRESH_S = 600  # how often the sweep re-reads the workspace members (one call)
 POLL_DELAY_S = 0.1  # how often an idle worker looks for jobs: bounds the webhook-to-task latency
 
 
@@ -81,7 +82,10 @@ async def sync_lead(ctx: dict[str, Any], lead_id: str) -> str:
         return "rejected"
     if lead_id in pushed.synced:
         # An upsert that matched an existing person sends no person.created: ask for the follow-up here.
-        await jobs.enqueue_follow_up(res.redis, pushed.synced[lead_id])
+        person_id = pushed.synced[lead_id]
+        person = next((p for p in pushed.people if p.id == person_id), None)
+        record = person.model_dump(by_alias=True, mode="json") if person else None
+        await jobs.enqueue_follow_up(res.redis, person_id, record)
     return "suppressed" if pushed.suppressed else "synced"
 
 
@@ -104,9 +108,13 @@ async def auto_assign(ctx: dict[str, Any]) -> dict[str, Any]:
     res, twenty = _resources(ctx)
     async with res.db.acquire() as conn:
         covered = await store.people_with_follow_ups(conn)
+        stale = await store.stale_pending_follow_ups(conn)
     people = [person async for person in twenty.list_people() if person.id not in covered]
     try:
         outcome = await followups.create_follow_ups(res.follow_up_deps(), people)
+        for person_id in stale:  # left pending by a crash or an outage: finish them (same task ids)
+            resumed = await followups.create_follow_up(res.follow_up_deps(), person_id)
+            (outcome.created if resumed.status == "created" else outcome.failed).append(resumed)
     except TwentyUnavailable as exc:
         await _retry_or_dead_letter(ctx, jobs.AUTO_ASSIGN, [], exc)
         return {"created": 0, "failed": 0, "details": [], "error": str(exc)}
@@ -123,6 +131,9 @@ async def sync_backlog(ctx: dict[str, Any]) -> dict[str, Any]:
         except TwentyError as exc:  # the leads are synced; their follow-ups are resumed later (auto-assign)
             log.warning("sync.follow_ups_deferred people=%d error=%s", len(people), exc)
 
+    if await res.redis.set("reactor:load:members-fresh", 1, nx=True, ex=MEMBERS_REFRESH_S):
+        with contextlib.suppress(TwentyError):  # new or removed members become pickable within this period
+            await assignees.refresh_members(twenty, res.cache, res.settings)
     result = await sync.sync_backlog(res.db, twenty, sync_options(res.settings), on_synced=follow_up)
     for failure in result.failed:
         await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id=jobs.sync_lead_job_id(failure["lead_id"]),

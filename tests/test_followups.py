@@ -227,3 +227,45 @@ async def test_a_person_created_webhook_ends_as_one_task_without_reading_the_per
     assert task["title"] == "📞 Sales Follow-up — Web Hook"
     assert fake.calls["get_person"] == 0  # the webhook's record was enough
     assert [t["targetPersonId"] for t in fake.task_targets.values()] == [person_id]
+
+
+async def test_a_returning_lead_gets_a_new_follow_up_once_the_last_is_done(
+    twenty_settings: Settings, res: Resources, fake: FakeTwenty, db: asyncpg.Pool
+) -> None:
+    lead = {"first_name": "Rita", "email": "rita@example.com"}
+    async with app_client(twenty_settings) as api:
+        assert (await api.post("/leads", json=lead)).status_code == 201
+        await build_worker(res, burst=True, sweep=False).main()
+        [first] = fake.tasks.values()
+        await api.post("/leads", json=lead)  # back again while the follow-up is open: nothing new
+        await asyncio.sleep(0.05)
+        await build_worker(res, burst=True, sweep=False).main()
+        assert len(fake.tasks) == 1
+
+        first["status"] = "DONE"  # done in Twenty; its webhook never came
+        await db.execute("UPDATE follow_ups SET opened_at = now() - interval '1 hour'")
+        # arq keeps each job's result for 10 s, refusing the same job id meanwhile; the lead comes back later.
+        lead_id, person_id = await db.fetchrow("SELECT lead_id, crm_person_id FROM leads")
+        await res.redis.delete(f"arq:result:sync:{lead_id}", f"arq:result:follow_up:{person_id}")
+        assert (await api.post("/leads", json=lead)).json()["status"] == "existing"
+        await build_worker(res, burst=True, sweep=False).main()
+    assert len(fake.tasks) == 2
+    assert await db.fetchval("SELECT count(*) FROM follow_ups WHERE state = 'open'") == 1
+
+
+async def test_auto_assign_finishes_follow_ups_left_pending(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:
+    from reactor.worker import auto_assign
+
+    stuck = fake.add_person("stuck@example.com", first="Stuck")
+    fresh = fake.add_person("fresh@example.com", first="Fresh")
+    await db.execute(
+        "INSERT INTO follow_ups (person_id, task_id, target_id, created_at) "
+        "VALUES ($1, 't-stuck', 'tt-stuck', now() - interval '1 hour')",
+        stuck,
+    )
+    result = await auto_assign({"resources": res, "job_try": 1, "job_id": "auto_assign:test"})
+    assert (result["created"], result["failed"]) == (2, 0)
+    assert set(fake.tasks) >= {"t-stuck"}
+    assert len(fake.tasks) == 2
+    states = dict(await db.fetch("SELECT person_id, state FROM follow_ups"))
+    assert states == {stuck: "open", fresh: "open"}
