@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from reactor.api import docs, jobs, leads, ops, webhooks
+from reactor.api import docs, jobs, leads, ops, reconcile, webhooks
 from reactor.errors import EXCEPTION_HANDLERS
 from reactor.resources import open_resources
 from reactor.settings import Settings
@@ -22,7 +22,7 @@ def create_app(settings: Settings) -> Starlette:
             yield {"resources": resources}
 
     return Starlette(
-        routes=[*leads.routes, *jobs.routes, *webhooks.routes, *ops.routes, *docs.routes()],
+        routes=[*leads.routes, *jobs.routes, *webhooks.routes, *reconcile.routes, *ops.routes, *docs.routes()],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
-from reactor.loadcache import LoadCache, Pick, TaskState, to_ms
+from reactor.loadcache import LoadCache, Pick, Rebuilt, TaskState, to_ms
 from reactor.settings import Settings
-from reactor.twenty import TwentyClient, one_of
+from reactor.twenty import PAGE_SIZE, TwentyClient, one_of
 
 log = logging.getLogger("reactor.assign")
 _first_build = asyncio.Lock()
@@ -50,13 +51,18 @@ async def pick(twenty: TwentyClient, cache: LoadCache, settings: Settings, task_
     return chosen
 
 
-async def rebuild_loads(twenty: TwentyClient, cache: LoadCache, settings: Settings) -> dict[str, int]:
-    """Recount every member's load from Twenty's open tasks (every page), keeping events that arrive meanwhile.
-    Returns the counts as they were before."""
-    started_ms = int(time.time() * 1000)
-    statuses = one_of(settings.load_statuses)
-    tasks = [TaskState(task.id, task.assignee_id, task.status, to_ms(task.updated_at))
-             async for task in twenty.list_tasks(f"status[in]:{statuses}")]  # fmt: skip
-    before = await cache.rebuild(tasks, started_ms=started_ms, built_ms=int(time.time() * 1000))
-    log.info("assign.loads_rebuilt tasks=%d loads=%s", len(tasks), await cache.loads())
-    return before
+async def rebuild_loads(twenty: TwentyClient, cache: LoadCache, settings: Settings, *, apply: bool = True) -> Rebuilt:
+    """Recount every member's load from Twenty's open tasks, every page at Twenty's largest page size. Pages are
+    staged in Redis as they come (memory stays one page), then merged with the live cache in one atomic swap
+    that keeps every task event that arrived meanwhile. `apply=False` only compares."""
+    staging = cache.staging(uuid.uuid4().hex, started_ms=int(time.time() * 1000))
+    page: list[TaskState] = []
+    async for task in twenty.list_tasks(f"status[in]:{one_of(settings.load_statuses)}"):
+        page.append(TaskState(task.id, task.assignee_id, task.status, to_ms(task.updated_at)))
+        if len(page) >= PAGE_SIZE:
+            await staging.add(page)
+            page = []
+    await staging.add(page)
+    rebuilt = await staging.swap(built_ms=int(time.time() * 1000), apply=apply)
+    log.info("assign.loads_rebuilt tasks=%d drift=%s applied=%s", staging.staged, rebuilt.drift, apply)
+    return rebuilt

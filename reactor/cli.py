@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from reactor.settings import Settings, SettingsError, load_settings
 
@@ -129,6 +130,58 @@ async def _webhook(settings: Settings, action: str, url: str | None) -> int:
     return 0
 
 
+async def _reconcile(settings: Settings, *, dry_run: bool, check: bool, as_json: bool) -> int:
+    import json
+    import uuid
+
+    from reactor import reconcile
+    from reactor.resources import open_resources
+    from reactor.twenty import TwentyError
+
+    async with open_resources(settings) as res:
+        try:
+            if check:
+                loads = await reconcile.check(res)
+                drift = {m: d for m, d in loads.items() if d["cached"] != d["true"]}
+                if as_json:
+                    print(json.dumps({"loads": loads, "drift": drift}))
+                else:
+                    for member, d in loads.items():
+                        mark = "  <- drift" if member in drift else ""
+                        print(f"{member}: cached {d['cached']}, true {d['true']}{mark}")
+                    print(f"{len(drift)} member(s) drifted" if drift else "no drift")
+                return 1 if drift else 0
+            run_id = f"cli:{uuid.uuid4().hex}"
+            holder = await reconcile.acquire(res.redis, run_id)
+            if holder is not None:
+                print(f"reactor: reconcile {holder} is already running", file=sys.stderr)
+                return 1
+            try:
+                report = await reconcile.run(res, run_id, dry_run=dry_run, progress=_progress_bar(as_json))
+            finally:
+                await reconcile.release(res.redis, run_id)
+        except TwentyError as exc:
+            print(f"\nreactor: Twenty: {exc}", file=sys.stderr)
+            return 1
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print("\n".join(reconcile.summary_lines(report)))
+    return 0
+
+
+def _progress_bar(quiet: bool) -> Any:
+    """Progress on stderr when it is a terminal: `loads 1200/10000`, rewritten in place."""
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    async def show(step: str, done: int, total: int | None) -> None:
+        shown = f"{done}/{total}" if total else (str(done) if done else "")
+        print(f"\r\033[Kreconcile: {step} {shown}", end="" if step != "done" else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reactor", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay = commands.add_parser("replay", help="re-enqueue jobs that failed for good (GET /jobs/failed)")
     replay.add_argument("--job", help="only dead letters of this job name, e.g. sync_lead")
     replay.add_argument("--id", type=int, help="only this dead letter (its id in GET /jobs/failed)")
+    reconcile = commands.add_parser("reconcile", help="repair what events missed, and report the drift")
+    reconcile.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+    reconcile.add_argument("--check", action="store_true", help="only compare loads (one Twenty call); exit 1 on drift")
+    reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
     webhook = commands.add_parser("webhook", help="manage reactor's webhook subscription in Twenty")
     webhook_actions = webhook.add_subparsers(dest="action", required=True)
     install = webhook_actions.add_parser("install", help="create or update the subscription; prints the secret")
@@ -165,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_web(settings, args.host, args.port)
     elif args.command == "worker":
         return run_worker(settings)
+    elif args.command == "reconcile":
+        if not _require_twenty(settings, "reactor reconcile"):
+            return 2
+        return asyncio.run(_reconcile(settings, dry_run=args.dry_run, check=args.check, as_json=args.json))
     elif args.command == "webhook":
         if not _require_twenty(settings, "reactor webhook"):
             return 2

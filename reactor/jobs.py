@@ -21,6 +21,7 @@ SYNC_BACKLOG = "sync_backlog"
 FOLLOW_UP = "create_follow_up"
 FOLLOW_UP_BATCH = "create_follow_ups"
 AUTO_ASSIGN = "auto_assign"
+RECONCILE = "reconcile"
 ENQUEUE_TIMEOUT_S = 2.0
 
 

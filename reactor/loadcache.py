@@ -9,6 +9,8 @@ Keys (all under `reactor:load:`):
   last      hash  member id -> sequence of their last assignment (ties go to the least recently assigned)
   seq       counter for `last`
   built     when the cache was last rebuilt from Twenty
+  events    how many task events have changed it
+  staging:<run>  a rebuild's listing of Twenty's open tasks, merged into `tasks` by one atomic swap
 
 Every change is one Lua script, so concurrent events, picks and rebuilds never interleave inside one. An event
 carries the task's new state only, so the old state is read from `tasks`; an event no newer than what is stored
@@ -22,13 +24,14 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from redis.asyncio import Redis
 
 log = logging.getLogger("reactor.loadcache")
 
 PREFIX = "reactor:load:"
-KEYS = [f"{PREFIX}{name}" for name in ("tasks", "counts", "reserved", "members", "last", "seq", "built")]
+KEYS = [f"{PREFIX}{name}" for name in ("tasks", "counts", "reserved", "members", "last", "seq", "built", "events")]
 TERMINAL = 9_000_000_000_000_000  # the version of a destroyed task: nothing after it applies
 
 _LIB = """
@@ -59,6 +62,7 @@ if open == 1 and deleted == 0 and assignee ~= '' then counted = 1 end
 if old_counted == 1 then bump(old_assignee, -1) end
 if counted == 1 then bump(assignee, 1) end
 redis.call('HSET', KEYS[1], id, assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|' .. deleted)
+redis.call('INCR', KEYS[8])
 return 1
 """
 )
@@ -115,48 +119,116 @@ return 1
 """
 )
 
-# ARGV: started (ms), built-at (ms), then task id, assignee, version for every open task Twenty listed.
-# Entries newer than the snapshot (events that arrived while it was taken) win; counts are recomputed whole.
-_REBUILD = (
+# KEYS[9]: the staging hash a rebuild filled (task id -> "assignee|version"), page by page, while events flowed.
+# ARGV: started (ms) - when the listing began; built-at (ms); apply (1) or only compare (0).
+# Live entries newer than the listing win (events that arrived meanwhile); a live open task that was not listed and
+# is older than the listing was closed while its event was lost. Counts are recomputed whole, reservations included.
+# Returns {before counts, after counts, tasks listed that the cache did not know, live entries corrected}.
+_SWAP = (
     _LIB
     + """
-local started = tonumber(ARGV[1])
-local listed = {}
-for i = 3, #ARGV, 3 do
-  local id, assignee, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+local started, apply = tonumber(ARGV[1]), ARGV[3] == '1'
+local staged = redis.call('HGETALL', KEYS[9])
+local listed, unknown, corrected = {}, 0, 0
+local merged = {}
+for i = 1, #staged, 2 do
+  local id = staged[i]
+  local assignee, version = string.match(staged[i + 1], '^(.-)|(%d+)$')
+  version = tonumber(version)
   listed[id] = true
   local entry = redis.call('HGET', KEYS[1], id)
   local keep = false
   if entry then
-    local _, _, old_version = parse(entry)
+    local old_assignee, old_counted, old_version = parse(entry)
     keep = old_version > version
+    if not keep and (old_assignee ~= assignee or old_counted ~= 1) then corrected = corrected + 1 end
+  else
+    unknown = unknown + 1
   end
   if not keep then
     local counted = 0
     if assignee ~= '' then counted = 1 end
-    redis.call('HSET', KEYS[1], id, assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|0')
+    merged[id] = assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|0'
   end
 end
-local all = redis.call('HGETALL', KEYS[1])
 local counts = {}
+local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   local id = all[i]
-  local assignee, counted, version, deleted = parse(all[i + 1])
+  local value = merged[id] or all[i + 1]
+  merged[id] = nil
+  local assignee, counted, version, deleted = parse(value)
   if counted == 1 and not listed[id] and version < started then
-    counted = 0  -- open when last seen, not open in Twenty now: its closing event was lost
-    redis.call('HSET', KEYS[1], id, assignee .. '|0|' .. string.format('%d', version) .. '|' .. deleted)
+    counted = 0
+    corrected = corrected + 1
+    value = assignee .. '|0|' .. string.format('%d', version) .. '|' .. deleted
   end
+  if apply then redis.call('HSET', KEYS[1], id, value) end
+  if counted == 1 and assignee ~= '' then counts[assignee] = (counts[assignee] or 0) + 1 end
+end
+for id, value in pairs(merged) do
+  local assignee, counted = parse(value)
+  if apply then redis.call('HSET', KEYS[1], id, value) end
   if counted == 1 and assignee ~= '' then counts[assignee] = (counts[assignee] or 0) + 1 end
 end
 local reserved = redis.call('HGETALL', KEYS[3])
 for i = 1, #reserved, 2 do counts[reserved[i + 1]] = (counts[reserved[i + 1]] or 0) + 1 end
 local before = redis.call('HGETALL', KEYS[2])
-redis.call('DEL', KEYS[2])
-for member, n in pairs(counts) do redis.call('HSET', KEYS[2], member, n) end
-redis.call('SET', KEYS[7], ARGV[2])
-return before
+local after = {}
+for member, n in pairs(counts) do table.insert(after, member); table.insert(after, n) end
+if apply then
+  redis.call('DEL', KEYS[2])
+  for member, n in pairs(counts) do redis.call('HSET', KEYS[2], member, n) end
+  redis.call('SET', KEYS[7], ARGV[2])
+end
+redis.call('DEL', KEYS[9])
+return {before, after, unknown, corrected}
 """
 )
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    before: dict[str, int]  # member -> load the cache had
+    after: dict[str, int]  # member -> load Twenty's tasks give (with events that arrived meanwhile)
+    unknown_tasks: int  # open tasks in Twenty the cache had never seen
+    corrected: int  # cache entries that were wrong (lost events)
+
+    @property
+    def drift(self) -> dict[str, tuple[int, int]]:
+        """member -> (cached, true), for the members whose load was wrong."""
+        members = self.before.keys() | self.after.keys()
+        return {m: (self.before.get(m, 0), self.after.get(m, 0)) for m in sorted(members)
+                if self.before.get(m, 0) != self.after.get(m, 0)}  # fmt: skip
+
+
+class Staging:
+    """A rebuild in progress: Twenty's open tasks are staged page by page (memory stays one page), then merged
+    with the live cache in one atomic swap."""
+
+    def __init__(self, cache: LoadCache, run_id: str, started_ms: int) -> None:
+        self._cache = cache
+        self.key = f"{PREFIX}staging:{run_id}"
+        self.started_ms = started_ms
+        self.staged = 0
+
+    async def add(self, tasks: Iterable[TaskState]) -> None:
+        entries = {t.task_id: f"{t.assignee_id or ''}|{t.version_ms}" for t in tasks}
+        if entries:
+            redis = self._cache._redis
+            await redis.hset(self.key, mapping=entries)  # type: ignore[misc]
+            await redis.expire(self.key, 3600)
+            self.staged += len(entries)
+
+    async def swap(self, *, built_ms: int, apply: bool = True) -> Rebuilt:
+        raw = await self._cache._swap(keys=[*KEYS, self.key], args=[self.started_ms, built_ms, 1 if apply else 0])
+        before, after, unknown, corrected = raw
+        return Rebuilt(_pairs(before), _pairs(after), int(unknown), int(corrected))
+
+
+def _pairs(flat: list[Any]) -> dict[str, int]:
+    items = [item.decode() if isinstance(item, bytes) else item for item in flat]
+    return {str(items[i]): int(items[i + 1]) for i in range(0, len(items), 2)}
 
 
 @dataclass(frozen=True)
@@ -192,7 +264,7 @@ class LoadCache:
         self._pick = redis.register_script(_PICK)
         self._confirm = redis.register_script(_CONFIRM)
         self._release = redis.register_script(_RELEASE)
-        self._rebuild = redis.register_script(_REBUILD)
+        self._swap = redis.register_script(_SWAP)
 
     def counts_as_load(self, status: str | None) -> bool:
         return status in self._load_statuses
@@ -241,12 +313,9 @@ class LoadCache:
     async def is_built(self) -> bool:
         return bool(await self._redis.exists(f"{PREFIX}built"))
 
-    async def rebuild(self, open_tasks: Iterable[TaskState], *, started_ms: int, built_ms: int) -> dict[str, int]:
-        """Replace the counts with what Twenty listed (every task in a load status, listed from `started_ms`),
-        keeping events newer than the listing. Returns the counts as they were before (to report drift)."""
-        args: list[str | int] = [started_ms, built_ms]
-        for task in open_tasks:
-            args += [task.task_id, task.assignee_id or "", task.version_ms]
-        before = await self._rebuild(keys=KEYS, args=args)
-        pairs = [item.decode() if isinstance(item, bytes) else item for item in before]
-        return {pairs[i]: int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+    def staging(self, run_id: str, started_ms: int) -> Staging:
+        return Staging(self, run_id, started_ms)
+
+    async def events_applied(self) -> int:
+        """How many task events have changed the cache since it was created (to report those during a run)."""
+        return int(await self._redis.get(f"{PREFIX}events") or 0)

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     assignee_emails: Annotated[frozenset[str], NoDecode] = Field(frozenset(), validation_alias="ASSIGNEE_EMAILS")
     # Capacity weights, "email:weight,…": a member's load is divided by their weight (default 1).
     assignee_weights: Annotated[dict[str, float], NoDecode] = Field({}, validation_alias="ASSIGNEE_WEIGHTS")
+    # Reconcile on a schedule: a five-field cron expression (UTC), e.g. "15 3 * * *". Empty: on demand only.
+    reconcile_cron: str | None = Field(None, validation_alias="RECONCILE_CRON")
     follow_up_due_hours: float = Field(24.0, gt=0, le=24 * 365, validation_alias="FOLLOW_UP_DUE_HOURS")
     enable_llm_copywriting: bool = Field(False, validation_alias="ENABLE_LLM_COPYWRITING")
     ollama_url: str = Field("http://localhost:11434", validation_alias="OLLAMA_URL")
@@ -157,6 +159,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r}: each entry must be email:weight with a weight above 0, e.g. a@x.com:2")
             weights[email.strip().lower()] = number
         return weights
+
+    @field_validator("reconcile_cron")
+    @classmethod
+    def _check_cron(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        from reactor.reconcile import parse_cron
+
+        parse_cron(value)
+        return value.strip()
 
     @field_validator("ollama_url")
     @classmethod

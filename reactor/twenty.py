@@ -494,12 +494,12 @@ class TwentyClient:
                 return "targetPersonId"
         return "targetPersonId"
 
-    async def count_open_tasks_by_assignee(self) -> dict[str | None, int]:
-        """Open (TODO, IN_PROGRESS) tasks per assignee in one groupBy call; None counts the unassigned."""
+    async def count_open_tasks_by_assignee(self, statuses: Sequence[str] = OPEN_STATUSES) -> dict[str | None, int]:
+        """Tasks in these statuses per assignee, in one groupBy call; None counts the unassigned."""
         body = await self.request("GET", "/tasks/groupBy", params={
             "group_by": '[{"assigneeId":true}]',
             "aggregate": '["totalCount"]',
-            "filter": f"status[in]:{one_of(OPEN_STATUSES)}",
+            "filter": f"status[in]:{one_of(statuses)}",
             "limit": PAGE_SIZE,
         })  # fmt: skip
         groups = body if isinstance(body, list) else body.get("data", [])

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from arq import Retry
+from arq.cron import CronJob, cron
 from arq.worker import Worker, func
 
 from reactor import assignees, deadletters, followups, jobs, store, sync
@@ -141,6 +142,22 @@ async def sync_backlog(ctx: dict[str, Any]) -> dict[str, Any]:
     return result.as_dict()
 
 
+async def reconcile(ctx: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+    """The reconcile job (POST /reconcile, RECONCILE_CRON). Refused while another run holds the lock."""
+    from reactor import reconcile as reconciliation
+
+    res, _ = _resources(ctx)
+    run_id = ctx["job_id"]
+    holder = await reconciliation.acquire(res.redis, run_id)
+    if holder is not None:
+        return {"refused": f"reconcile {holder} is running"}
+    try:
+        report = await reconciliation.run(res, run_id, dry_run=dry_run)
+    finally:
+        await reconciliation.release(res.redis, run_id)
+    return report.as_dict()
+
+
 async def _sweep_ticker(res: Resources) -> None:
     period = res.settings.sync_sweep_s
     while True:
@@ -148,6 +165,16 @@ async def _sweep_ticker(res: Resources) -> None:
         with contextlib.suppress(Exception):  # Redis down: the next tick tries again
             await jobs.enqueue(res.redis, jobs.SYNC_BACKLOG, job_id=f"sweep:{slot}")
         await asyncio.sleep((slot + 1) * period - time.time() + random.uniform(0, 0.5))
+
+
+def _cron_jobs(settings: Settings) -> list[CronJob]:
+    if not settings.reconcile_cron:
+        return []
+    from reactor.reconcile import parse_cron
+
+    when = {k: v for k, v in parse_cron(settings.reconcile_cron).items() if v is not None}
+    # arq gives each occurrence one job id, so a fleet of workers reconciles once per occurrence.
+    return [cron(reconcile, name="reconcile_cron", unique=True, timeout=3600, **when)]  # type: ignore[arg-type]
 
 
 def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> Worker:
@@ -181,7 +208,9 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
                 max_tries=settings.sync_max_tries,
             ),
             func(auto_assign, name=jobs.AUTO_ASSIGN, keep_result=BACKLOG_KEEP_RESULT_S, timeout=3600),
+            func(reconcile, name=jobs.RECONCILE, keep_result=BACKLOG_KEEP_RESULT_S, timeout=3600, max_tries=1),
         ],
+        cron_jobs=_cron_jobs(settings),
         redis_pool=res.redis,
         ctx={"resources": res},
         on_startup=startup,

@@ -8,6 +8,7 @@ import json
 import re
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ class FakeTwenty:
     members: list[dict[str, Any]] = field(default_factory=list)
     reject_tasks: bool = False  # task creation answers 400
     task_target_field: str = "targetPersonId"  # "personId" plays a server from before 1.17
+    on_task_page: Callable[[int], None] | None = None  # called as each page of tasks is served
 
     def install(self, router: respx.MockRouter) -> None:
         self.router = router  # tests add their own routes (the LLM) to it
@@ -40,6 +42,7 @@ class FakeTwenty:
         router.get(url__regex=rf"{re.escape(BASE_URL)}/people/[^/?]+").mock(side_effect=self._get_person)
         router.post(url__regex=rf"{re.escape(BASE_URL)}/(batch/)?tasks(\?.*)?$").mock(side_effect=self._create_tasks)
         router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks(\?.*)?$").mock(side_effect=self._list_tasks)
+        router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks/groupBy").mock(side_effect=self._group_tasks)
         router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks/[^/?]+").mock(side_effect=self._get_task)
         router.post(url__regex=rf"{re.escape(BASE_URL)}/(batch/)?taskTargets").mock(side_effect=self._create_targets)
         router.get(f"{BASE_URL}/workspaceMembers").mock(side_effect=self._members)
@@ -52,9 +55,15 @@ class FakeTwenty:
         self.tasks[task_id] = {"id": task_id, "assigneeId": assignee, "status": status, "deletedAt": None,
                                "updatedAt": "2026-11-24T09:00:00.000Z", "title": "seeded"}  # fmt: skip
 
-    def _envelope(self, key: str, items: list[dict[str, Any]]) -> httpx.Response:
-        info = {"hasNextPage": False, "hasPreviousPage": False, "startCursor": None, "endCursor": None}
-        return httpx.Response(200, json={"data": {key: items}, "totalCount": len(items), "pageInfo": info})
+    def _envelope(self, key: str, items: list[dict[str, Any]], request: httpx.Request | None = None) -> httpx.Response:
+        """One page, as Twenty pages: at most `limit` (capped at 200), cursor = position (opaque to clients)."""
+        params = request.url.params if request is not None else httpx.QueryParams()
+        limit = min(int(params.get("limit", "60")), 200)
+        start = int(params.get("starting_after", "0"))
+        page, more = items[start : start + limit], start + limit < len(items)
+        info = {"hasNextPage": more, "hasPreviousPage": start > 0, "startCursor": str(start),
+                "endCursor": str(start + limit) if more else str(len(items))}  # fmt: skip
+        return httpx.Response(200, json={"data": {key: page}, "totalCount": len(items), "pageInfo": info})
 
     def _get_person(self, request: httpx.Request) -> httpx.Response:
         self.calls["get_person"] += 1
@@ -81,15 +90,22 @@ class FakeTwenty:
         key = "createTasks" if batch else "createTask"
         return httpx.Response(201, json={"data": {key: saved if batch else saved[0]}})
 
+    def _open_tasks(self, text: str) -> list[dict[str, Any]]:
+        statuses, ids = _in_values(text, "status"), _in_values(text, "id")
+        return [t for t in self.tasks.values() if t["deletedAt"] is None and (statuses is None or t["status"] in
+                statuses) and (ids is None or t["id"] in ids)]  # fmt: skip
+
     def _list_tasks(self, request: httpx.Request) -> httpx.Response:
         self.calls["list_tasks"] += 1
-        text = request.url.params.get("filter", "")
-        wanted = re.search(r"status\[in\]:\[([^\]]*)\]", text)
-        statuses = {v.strip().strip('"') for v in wanted.group(1).split(",")} if wanted else None
-        found = [
-            t for t in self.tasks.values() if t["deletedAt"] is None and (statuses is None or t["status"] in statuses)
-        ]
-        return self._envelope("tasks", found)
+        if self.on_task_page is not None:
+            self.on_task_page(self.calls["list_tasks"])
+        return self._envelope("tasks", self._open_tasks(request.url.params.get("filter", "")), request)
+
+    def _group_tasks(self, request: httpx.Request) -> httpx.Response:
+        self.calls["group_by"] += 1
+        counts = Counter(t["assigneeId"] for t in self._open_tasks(request.url.params.get("filter", "")))
+        return httpx.Response(200, json=[{"groupByDimensionValues": [a], "totalCount": str(n)}
+                                         for a, n in counts.items()])  # fmt: skip
 
     def _get_task(self, request: httpx.Request) -> httpx.Response:
         self.calls["get_task"] += 1
@@ -181,14 +197,7 @@ class FakeTwenty:
             return failure
         text = request.url.params.get("filter", "")
         found = [p for p in self.people.values() if _matches(p, text)]
-        return httpx.Response(
-            200,
-            json={
-                "data": {"people": found},
-                "totalCount": len(found),
-                "pageInfo": {"hasNextPage": False, "hasPreviousPage": False, "startCursor": None, "endCursor": None},
-            },
-        )
+        return self._envelope("people", found, request)
 
 
 def _matches(person: dict[str, Any], text: str) -> bool:
@@ -208,6 +217,11 @@ def _matches(person: dict[str, Any], text: str) -> bool:
         if op == "is" and (value is None) != (wanted == "NULL"):
             return False
     return True
+
+
+def _in_values(text: str, field: str) -> set[str] | None:
+    wanted = re.search(rf"(?<![\w.]){field}\[in\]:\[([^\]]*)\]", text)
+    return {v.strip().strip('"') for v in wanted.group(1).split(",")} if wanted else None
 
 
 def _stored_phones(phones: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -153,3 +154,41 @@ def test_webhook_install_creates_then_updates_and_status_reports(
     assert "missing for reactor: nothing" in status
     assert "secret: matches TWENTY_WEBHOOK_SECRET" in status
     assert str(hooks[0]["secret"]) not in status
+
+
+def test_reconcile_cli_reports_drift_as_json(
+    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import redis as sync_redis
+
+    from reactor.cli import main
+    from tests.fake_twenty import FakeTwenty
+
+    async def empty_tables() -> None:
+        conn = await asyncpg.connect(database_url)
+        await conn.execute("TRUNCATE leads, lead_submissions, follow_ups, failed_jobs")
+        await conn.close()
+
+    asyncio.run(empty_tables())
+    sync_redis.Redis.from_url(redis_url).flushdb()
+
+    for name, value in _env(database_url, redis_url, TWENTY_REST_URL="http://twenty.test",
+                            TWENTY_REST_TOKEN="tok").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    fake = FakeTwenty()
+    fake.add_member("m1", "m1@acme.test")
+    fake.add_task("a", "m1")
+    with respx.mock(assert_all_called=False) as router:
+        fake.install(router)
+        assert main(["reconcile", "--check", "--json"]) == 1  # drift: the cache knows nothing yet
+        checked = json.loads(capsys.readouterr().out)
+        assert main(["reconcile", "--dry-run", "--json"]) == 0
+        dry = json.loads(capsys.readouterr().out)
+        assert main(["reconcile"]) == 0
+        summary = capsys.readouterr().out
+        assert main(["reconcile", "--check"]) == 0
+        clean = capsys.readouterr().out
+    assert checked["drift"] == {"m1": {"cached": 0, "true": 1}}
+    assert (dry["dry_run"], dry["drift"]) == (True, {"m1": {"cached": 0, "true": 1}})
+    assert "m1: 0 -> 1" in summary
+    assert clean.strip().endswith("no drift")

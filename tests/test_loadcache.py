@@ -115,10 +115,26 @@ async def test_a_rebuild_keeps_newer_events_and_drops_lost_closings(cache: LoadC
     await cache.apply(task("moved", "m3", version=9000))  # an event newer than the listing
     pending = await cache.pick("pending")  # a reservation in flight survives
     assert pending is not None
-    before = await cache.rebuild(
-        [task("listed", "m2", version=1000), task("moved", "m2", version=1500)], started_ms=2000, built_ms=2500
-    )
-    assert before["m1"] == 1
+    staging = cache.staging("run1", started_ms=2000)
+    await staging.add([task("listed", "m2", version=1000)])
+    await staging.add([task("moved", "m2", version=1500)])
+
+    rebuilt = await staging.swap(built_ms=2500)
+
+    assert rebuilt.before["m1"] == 1
     expected = Counter({"m2": 1, "m3": 1}) + Counter({pending.member_id: 1})
     assert await cache.loads() == dict(expected)  # m1's lost closing is dropped; "moved" stays with m3
+    assert rebuilt.after == dict(expected)
+    assert (rebuilt.unknown_tasks, rebuilt.corrected) == (1, 1)
+    assert rebuilt.drift["m1"] == (1, 0)
     assert await cache.is_built()
+
+
+async def test_a_compare_only_rebuild_changes_nothing(cache: LoadCache) -> None:
+    await cache.apply(task("t1", "m1", version=500))
+    staging = cache.staging("dry", started_ms=2000)
+    await staging.add([task("t2", "m2", version=1000)])
+    rebuilt = await staging.swap(built_ms=2500, apply=False)
+    assert rebuilt.drift == {"m1": (1, 0), "m2": (0, 1)}
+    assert await cache.loads() == {"m1": 1}
+    assert not await cache.is_built()
