@@ -18,6 +18,8 @@ log = logging.getLogger("reactor.cli")
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    # httpx logs every request URL at INFO, and Twenty look-ups carry people's emails in their filters.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def run_web(settings: Settings, host: str, port: int) -> None:
@@ -202,9 +204,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     install = webhook_actions.add_parser("install", help="create or update the subscription; prints the secret")
     install.add_argument("--url", required=True, help="reactor's public URL of POST /webhooks/twenty")
     webhook_actions.add_parser("status", help="show what Twenty sends where")
+    sim = commands.add_parser("sim", help="run the Twenty simulator (for developing against it)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=3000)
+    sim.add_argument("--token", default="sim-token", help="the API key it accepts (Authorization: Bearer …)")
+    sim.add_argument("--members", type=int, default=3, help="workspace members to seed")
+    sim.add_argument("--tasks", type=int, default=0, help="open tasks to seed, spread over the members")
+    sim.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
+    sim.add_argument("--rate-limit", type=int, default=None, help="record calls per minute (429 beyond)")
+    sim.add_argument("--error-rate", type=float, default=0.0, help="share of record calls answered 500")
+    sim.add_argument("--drop-rate", type=float, default=0.0, help="share of webhook deliveries dropped")
+    sim.add_argument("--duplicate-rate", type=float, default=0.0, help="share of webhook deliveries sent twice")
+    sim.add_argument("--reorder-ms", type=float, default=0.0, help="deliveries wait a random 0..N ms (reordering)")
+    sim.add_argument("--seed", type=int, default=None, help="seed of the fault randomness")
     dev = commands.add_parser("dev", help="run everything locally: databases, migrations, web")
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
     args = parser.parse_args(argv)
+
+    if args.command == "sim":
+        from reactor import sim as simulator
+
+        knobs = simulator.Knobs(
+            latency_s=args.latency_ms / 1000, rate_limit=args.rate_limit, error_rate=args.error_rate,
+            delivery=simulator.DeliveryKnobs(drop_rate=args.drop_rate, duplicate_rate=args.duplicate_rate,
+                                             reorder_s=args.reorder_ms / 1000),
+        )  # fmt: skip
+        simulator.serve(host=args.host, port=args.port, token=args.token, members=args.members, tasks=args.tasks,
+                        knobs=knobs, seed=args.seed)  # fmt: skip
+        return 0
 
     if args.command == "dev":
         from reactor import dev as dev_mode

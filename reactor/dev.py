@@ -98,7 +98,29 @@ def _children(
                 process.kill()
 
 
-def _banner(base_url: str, api_key: str, pg: devstack.Backend, rd: devstack.Backend) -> str:
+def _wait_sim(base_url: str, process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Twenty simulator exited with status {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/sim/state", timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the Twenty simulator was not ready within {timeout_s:.0f} s")
+
+
+async def _install_webhook(rest_url: str, token: str, target: str) -> str:
+    from reactor import subscription
+    from reactor.twenty import TwentyClient, create_http_client
+
+    async with create_http_client(rest_url, token) as http:
+        installed = await subscription.install(TwentyClient(http), target)
+    assert installed.secret is not None
+    return installed.secret
+
+
+def _banner(base_url: str, api_key: str, pg: devstack.Backend, rd: devstack.Backend, twenty: str) -> str:
     curl = (
         f"curl -s -X POST {base_url}/leads -H 'X-API-Key: {api_key}' -H 'Content-Type: application/json' "
         """-d '{"first_name":"Ada","last_name":"Lovelace","email":"ada@example.com","phone":"+14155552671"}'"""
@@ -106,14 +128,16 @@ def _banner(base_url: str, api_key: str, pg: devstack.Backend, rd: devstack.Back
     return "\n".join(
         [
             "",
-            "reactor dev is running",
+            "reactor dev is running: web, worker" + (" and the Twenty simulator" if "simulator" in twenty else ""),
             f"  {pg.describe('postgres')}",
             f"  {rd.describe('redis')}",
+            f"  twenty     {twenty}",
             f"  API        {base_url}   (docs: {base_url}/docs)",
             f"  API key    {api_key}   (a lead source's key from LEAD_API_KEYS, else made once for 'dev')",
-            "  try it:",
+            "  try it: post a lead, then read it back; within a second it shows its Person and its assigned",
+            "  follow-up task (crm_person_id, follow_up), and the worker's log says followup.created:",
             f"    {curl}",
-            f"    curl -s {base_url}/leads -H 'X-API-Key: {api_key}'",
+            f"    curl -s {base_url}/leads/<lead_id> -H 'X-API-Key: {api_key}'",
             "  Ctrl-C stops everything.",
             "",
         ]
@@ -129,14 +153,31 @@ def run(port: int) -> int:
         api_key = keys.split(",")[0].partition(":")[2].strip()
         child_env = {**env, "DATABASE_URL": database_url, "REDIS_URL": rd.url, "LEAD_API_KEYS": keys}
         base_url = f"http://127.0.0.1:{port}"
-        web = [sys.executable, "-m", "reactor", "web", "--host", "127.0.0.1", "--port", str(port)]
-        with _children({"web": web}, child_env) as processes:
+        simulated = not env.get("TWENTY_REST_URL")
+        sim: dict[str, list[str]] = {}
+        if simulated:
+            sim_port, token = devstack.free_port(), "dev-sim-token"
+            sim["sim"] = [sys.executable, "-m", "reactor", "sim", "--port", str(sim_port), "--token", token,
+                          "--members", "3"]  # fmt: skip
+            child_env |= {"TWENTY_REST_URL": f"http://127.0.0.1:{sim_port}/rest", "TWENTY_REST_TOKEN": token}
+        twenty = (f"the simulator at http://127.0.0.1:{sim_port} (its truth: /sim/state)" if simulated
+                  else child_env["TWENTY_REST_URL"])  # fmt: skip
+        app = {
+            "web": [sys.executable, "-m", "reactor", "web", "--host", "127.0.0.1", "--port", str(port)],
+            "worker": [sys.executable, "-m", "reactor", "worker"],
+        }
+        with _children(sim, child_env) as sims:
             try:
-                _wait_ready(base_url, processes["web"])
-                print(_banner(base_url, api_key, pg, rd), flush=True)
-                while all(p.poll() is None for p in processes.values()):
-                    time.sleep(0.5)
-                return 1  # a child died on its own
+                if simulated:
+                    _wait_sim(f"http://127.0.0.1:{sim_port}", sims["sim"])
+                    child_env["TWENTY_WEBHOOK_SECRET"] = asyncio.run(_install_webhook(
+                        child_env["TWENTY_REST_URL"], token, f"{base_url}/webhooks/twenty"))  # fmt: skip
+                with _children(app, child_env) as processes:
+                    _wait_ready(base_url, processes["web"])
+                    print(_banner(base_url, api_key, pg, rd, twenty), flush=True)
+                    while all(p.poll() is None for p in [*processes.values(), *sims.values()]):
+                        time.sleep(0.5)
+                    return 1  # a child died on its own
             except KeyboardInterrupt:
                 print("\nreactor dev: stopping…", flush=True)
                 return 0

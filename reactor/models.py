@@ -195,6 +195,16 @@ class LeadAccepted(BaseModel):
     lead_id: str
 
 
+class FollowUp(BaseModel):
+    """The follow-up task of the lead's person in Twenty (the latest one)."""
+
+    task_id: str
+    assignee_id: str | None
+    state: str  # pending | open | closed | failed
+    llm_used: bool | None
+    opened_at: datetime | None
+
+
 class Lead(BaseModel):
     """A stored lead with its CRM state, as the read endpoints return it."""
 
@@ -222,6 +232,7 @@ class Lead(BaseModel):
     suppressed: bool
     sync_attempts: int
     last_sync_error: str | None
+    follow_up: FollowUp | None = None  # shown by GET /leads/{lead_id}
 
     @classmethod
     def from_row(cls, row: Any) -> Lead:
@@ -261,6 +272,7 @@ class Lead(BaseModel):
             suppressed=row["suppressed"],
             sync_attempts=row["sync_attempts"],
             last_sync_error=row["last_sync_error"],
+            follow_up=_follow_up(row),
         )
 
 
@@ -271,3 +283,10 @@ class LeadPage(BaseModel):
 
 class LeadList(BaseModel):
     leads: list[Lead]
+
+
+def _follow_up(row: Any) -> FollowUp | None:
+    if row.get("fu_task_id") is None:  # rows read without the follow-up join have no such column
+        return None
+    return FollowUp(task_id=row["fu_task_id"], assignee_id=row["fu_assignee_id"], state=row["fu_state"],
+                    llm_used=row["fu_llm_used"], opened_at=row["fu_opened_at"])  # fmt: skip

