@@ -25,10 +25,11 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, percentile, scratch_database, scratch_redis_url, servers
-from reactor.devstack import free_port
+from bench.common import machine, percentile, scratch_database, scratch_redis_url, servers  # noqa: E402
+from reactor.devstack import free_port  # noqa: E402
 
 
 def lead(person: int) -> dict[str, object]:
@@ -99,43 +100,49 @@ async def wait_ready(base_url: str, process: asyncio.subprocess.Process) -> None
     raise SystemExit("reactor web did not become ready")
 
 
-async def main(args: argparse.Namespace) -> dict[str, object]:
-    with servers() as (pg, rd):
-        async with scratch_database(pg.url) as database_url:
-            redis_url = scratch_redis_url(rd.url)
-            key = secrets.token_urlsafe(16)
-            port = free_port()
-            env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "LEAD_API_KEYS": f"bench:{key}",
-                   "LOG_LEVEL": "WARNING", "DB_POOL_SIZE": str(args.pool)}  # fmt: skip
-            env.pop("TWENTY_REST_URL", None)
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "reactor", "web", "--host", "127.0.0.1", "--port", str(port), env=env
-            )  # fmt: skip
-            try:
-                base_url = f"http://127.0.0.1:{port}"
-                await wait_ready(base_url, process)
-                await drive(base_url, key, 200, args.concurrency, seed=1)  # warm-up: connections, JIT caches
-                started = time.perf_counter()
-                latencies, statuses = await drive(base_url, key, args.requests, args.concurrency, seed=2)
-                elapsed = time.perf_counter() - started
-            finally:
-                process.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(process.wait(), 30)
-                async with Redis.from_url(redis_url) as redis:
-                    await redis.flushdb()
-            conn = await asyncpg.connect(database_url)
-            try:
-                rows = await conn.fetchval("SELECT count(*) FROM leads")
-                submissions = await conn.fetchval("SELECT sum(submission_count) FROM leads")
-            finally:
-                await conn.close()
+def rss_mib(pid: int) -> float | None:
+    """Resident memory of a process, from /proc (Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    return round(kib / 1024, 1) if kib else None
+
+
+async def measure(kind: str, args: argparse.Namespace, pg_url: str, redis_url: str) -> dict[str, object]:
+    """One server (reactor's web process, or the baseline) on a fresh database, driven the same way."""
+    async with scratch_database(pg_url) as database_url:
+        key = secrets.token_urlsafe(16)
+        port = free_port()
+        env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "LEAD_API_KEYS": f"bench:{key}",
+               "LOG_LEVEL": "WARNING", "DB_POOL_SIZE": str(args.pool)}  # fmt: skip
+        env.pop("TWENTY_REST_URL", None)
+        argv = (["-m", "reactor", "web", "--host", "127.0.0.1", "--port", str(port)] if kind == "reactor" else
+                ["-m", "uvicorn", "bench.baseline_intake:app", "--host", "127.0.0.1", "--port", str(port),
+                 "--log-level", "critical"])  # fmt: skip
+        process = await asyncio.create_subprocess_exec(sys.executable, *argv, env=env, cwd=ROOT)
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+            await wait_ready(base_url, process)
+            await drive(base_url, key, 200, args.concurrency, seed=1)  # warm-up: connections, caches
+            started = time.perf_counter()
+            latencies, statuses = await drive(base_url, key, args.requests, args.concurrency, seed=2)
+            elapsed = time.perf_counter() - started
+            rss = rss_mib(process.pid)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 30)
+            async with Redis.from_url(redis_url) as redis:
+                await redis.flushdb()
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetchval("SELECT count(*) FROM leads")
+            submissions = await conn.fetchval("SELECT sum(submission_count) FROM leads")
+        finally:
+            await conn.close()
     latencies.sort()
     return {
-        "machine": machine(),
-        "postgres": pg.origin,
-        "redis": rd.origin,
-        "requests": args.requests,
-        "concurrency": args.concurrency,
         "statuses": statuses,
         "requests_per_s": round(args.requests / elapsed, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
@@ -143,7 +150,19 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "leads_rows": rows,
         "submissions_counted": submissions,
+        "web_rss_mib": rss,
     }
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    with servers() as (pg, rd):
+        redis_url = scratch_redis_url(rd.url)
+        report: dict[str, object] = {"machine": machine(), "postgres": pg.origin, "redis": rd.origin,
+                                     "requests": args.requests, "concurrency": args.concurrency}  # fmt: skip
+        report["reactor"] = await measure("reactor", args, pg.url, redis_url)
+        if args.baseline:
+            report["baseline_connection_per_request"] = await measure("baseline", args, pg.url, redis_url)
+    return report
 
 
 if __name__ == "__main__":
@@ -151,6 +170,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pool", type=int, default=10, help="DB_POOL_SIZE of the web process")
+    parser.add_argument("--baseline", action="store_true", help="also measure bench/baseline_intake.py, the same way")
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args()
     result = asyncio.run(main(arguments))

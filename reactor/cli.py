@@ -217,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--duplicate-rate", type=float, default=0.0, help="share of webhook deliveries sent twice")
     sim.add_argument("--reorder-ms", type=float, default=0.0, help="deliveries wait a random 0..N ms (reordering)")
     sim.add_argument("--seed", type=int, default=None, help="seed of the fault randomness")
+    sim.add_argument("--legacy-task-targets", action="store_true", help="personId, as Twenty before 1.17")
     dev = commands.add_parser("dev", help="run everything locally: databases, migrations, web")
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
     args = parser.parse_args(argv)
@@ -230,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              reorder_s=args.reorder_ms / 1000),
         )  # fmt: skip
         simulator.serve(host=args.host, port=args.port, token=args.token, members=args.members, tasks=args.tasks,
-                        knobs=knobs, seed=args.seed)  # fmt: skip
+                        knobs=knobs, seed=args.seed, legacy_task_targets=args.legacy_task_targets)  # fmt: skip
         return 0
 
     if args.command == "dev":

@@ -30,6 +30,7 @@ BACKLOG_KEEP_RESULT_S = 24 * 3600  # GET /jobs/{id} shows a backlog run's result
 MAX_RETRY_DELAY_S = 600.0
 MEMBERS_REFRESH_S = 600  # how often the sweep re-reads the workspace members (one call)
 POLL_DELAY_S = 0.1  # how often an idle worker looks for jobs: bounds the webhook-to-task latency
+JOB_COMPLETION_WAIT_S = 20  # on SIGTERM, under the usual 30 s before platforms send SIGKILL
 
 
 def retry_delay(job_try: int, retry_after: float | None, base_s: float) -> float:
@@ -221,13 +222,17 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
         max_jobs=20,
         job_timeout=300,
         health_check_interval=30,
+        job_completion_wait=JOB_COMPLETION_WAIT_S,
     )
 
 
 async def run(settings: Settings) -> None:
     async with open_resources(settings) as res:
         worker = build_worker(res)
-        try:
-            await worker.async_run()
-        finally:
-            await worker.close()
+        # On SIGTERM arq gives the jobs in flight JOB_COMPLETION_WAIT_S to finish; the rest are cancelled and
+        # run again later (their leads are leased, never lost). Cancellation is how arq stops: not an error.
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await worker.async_run()
+            finally:
+                await worker.close()

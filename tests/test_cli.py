@@ -94,6 +94,29 @@ async def test_the_worker_refuses_to_start_without_twenty(database_url: str, red
     assert b"TWENTY_REST_URL, TWENTY_REST_TOKEN: required by the worker" in result.stderr
 
 
+async def test_the_procfile_worker_stops_cleanly_on_sigterm(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    procfile = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line)
+    # Twenty unreachable: the worker still starts (its first load rebuild fails and is logged) and stops cleanly.
+    env = _env(database_url, redis_url, TWENTY_REST_URL=f"http://127.0.0.1:{free_port()}", TWENTY_REST_TOKEN="t",
+               TWENTY_MAX_ATTEMPTS="1")  # fmt: skip
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        worker = subprocess.Popen(["sh", "-c", f"exec {procfile['worker']}"], env=env, cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            with anyio.fail_after(30):
+                while "Starting worker" not in log_path.read_text():
+                    assert worker.poll() is None, log_path.read_text()
+                    await anyio.sleep(0.2)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            status = await anyio.to_thread.run_sync(lambda: worker.wait(timeout=30))
+    output = log_path.read_text()
+    assert status == 0, output
+    assert "shutdown on SIGTERM" in output
+    assert "Traceback" not in output
+
+
 async def test_replay_re_enqueues_dead_letters(
     database_url: str, redis_url: str, db: asyncpg.Pool, redis: Redis, tmp_path: Path
 ) -> None:
