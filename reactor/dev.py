@@ -144,8 +144,14 @@ def _banner(base_url: str, api_key: str, pg: devstack.Backend, rd: devstack.Back
     )
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a supervisor's SIGTERM stops everything as Ctrl-C does
+
+
 def run(port: int) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     env = _project_env()
     with devstack.postgres(env, DATA_DIR / "dev") as pg, devstack.redis(env, DATA_DIR / "dev") as rd:
         database_url = asyncio.run(_prepare_database(pg))

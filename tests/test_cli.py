@@ -215,3 +215,36 @@ def test_reconcile_cli_reports_drift_as_json(
     assert (dry["dry_run"], dry["drift"]) == (True, {"m1": {"cached": 0, "true": 1}})
     assert "m1: 0 -> 1" in summary
     assert clean.strip().endswith("no drift")
+
+
+async def test_reactor_dev_runs_the_pipeline_and_stops_everything(
+    database_url: str, redis_url: str, db: asyncpg.Pool, redis: Redis, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = _env(database_url, redis_url, LOG_LEVEL="INFO")
+    env.pop("TWENTY_REST_URL", None)
+    log_path = tmp_path / "dev.log"
+    with log_path.open("w") as log:
+        dev = subprocess.Popen([sys.executable, "-m", "reactor", "dev", "--port", str(port)], env=env, cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            with anyio.fail_after(60):
+                while "reactor dev is running" not in log_path.read_text():
+                    assert dev.poll() is None, log_path.read_text()
+                    await anyio.sleep(0.2)
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "k"}) as http:
+                    posted = await http.post("/leads", json={"first_name": "Dev", "email": "dev@example.com"})
+                    assert posted.status_code == 201
+                    while (lead := (await http.get(f"/leads/{posted.json()['lead_id']}")).json())["follow_up"] is None:
+                        await anyio.sleep(0.1)
+            assert lead["crm_synced"] is True
+            assert lead["follow_up"]["state"] == "open"
+            assert lead["follow_up"]["assignee_id"]
+        finally:
+            dev.send_signal(signal.SIGINT)  # Ctrl-C
+            await anyio.to_thread.run_sync(lambda: dev.wait(timeout=60))
+    output = log_path.read_text()
+    assert "followup.created" in output
+    assert "reactor dev: stopping" in output
+    children = await anyio.run_process(["pgrep", "-f", f"--port {port}"], check=False)
+    assert children.stdout == b"", "a child outlived reactor dev"
