@@ -10,7 +10,7 @@ import uuid
 
 from reactor.loadcache import LoadCache, Pick, Rebuilt, TaskState, to_ms
 from reactor.settings import Settings
-from reactor.twenty import PAGE_SIZE, TwentyClient, one_of
+from reactor.twenty import PAGE_SIZE, TwentyClient, WorkspaceMember, one_of
 
 log = logging.getLogger("reactor.assign")
 _first_build = asyncio.Lock()
@@ -29,8 +29,14 @@ async def refresh_members(twenty: TwentyClient, cache: LoadCache, settings: Sett
     if missing:
         log.warning("assign.unknown_assignees emails=%s (not workspace members)", ",".join(sorted(missing)))
     await cache.set_members(eligible)
+    await cache.set_names({m.id: _display_name(m) for m in members})
     log.info("assign.members eligible=%d of=%d", len(eligible), len(members))
     return eligible
+
+
+def _display_name(member: WorkspaceMember) -> str:
+    name = " ".join(p for p in ((member.name.first_name, member.name.last_name) if member.name else ()) if p)
+    return name or member.user_email or member.id
 
 
 async def pick(twenty: TwentyClient, cache: LoadCache, settings: Settings, task_id: str) -> Pick | None:

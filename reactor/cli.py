@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +17,10 @@ from reactor.settings import Settings, SettingsError, load_settings
 log = logging.getLogger("reactor.cli")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    # httpx logs every request URL at INFO, and Twenty look-ups carry people's emails in their filters.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+def _configure_logging(level: str, fmt: str = "text", pii: bool = False) -> None:
+    from reactor import logs
+
+    logs.configure(level, fmt=fmt, pii=pii)
 
 
 def run_web(settings: Settings, host: str, port: int) -> None:
@@ -34,6 +35,7 @@ def run_web(settings: Settings, host: str, port: int) -> None:
         lifespan="on",
         proxy_headers=True,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers go through reactor's handler (JSON, request ids, masking)
         timeout_graceful_shutdown=20,
     )
     uvicorn.Server(config).run()
@@ -54,6 +56,16 @@ async def _migrate(settings: Settings) -> None:
 def run_migrate(settings: Settings) -> None:
     asyncio.run(_migrate(settings))
     log.info("migrate.done")
+
+
+def _check_worker(settings: Settings) -> int:
+    """arq's health check: every worker writes a sentinel with an expiry (health_check_interval) while it runs."""
+    from arq.connections import RedisSettings
+    from arq.worker import async_check_health
+
+    healthy = asyncio.run(async_check_health(RedisSettings.from_dsn(settings.redis_url)))
+    print("worker healthy" if healthy == 0 else "no healthy worker reported", file=sys.stderr)
+    return healthy
 
 
 def run_worker(settings: Settings) -> int:
@@ -190,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     web = commands.add_parser("web", help="serve the HTTP API (uvicorn)")
     web.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))  # noqa: S104 - a server binds all
     web.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
-    commands.add_parser("worker", help="run the arq worker (sync jobs, the backlog sweep)")
+    worker = commands.add_parser("worker", help="run the arq worker (sync jobs, the backlog sweep)")
+    worker.add_argument("--check", action="store_true", help="exit 0 if a worker reported itself healthy lately")
     commands.add_parser("migrate", help="apply schema.sql (idempotent)")
     replay = commands.add_parser("replay", help="re-enqueue jobs that failed for good (GET /jobs/failed)")
     replay.add_argument("--job", help="only dead letters of this job name, e.g. sync_lead")
@@ -199,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reconcile.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
     reconcile.add_argument("--check", action="store_true", help="only compare loads (one Twenty call); exit 1 on drift")
     reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
+    link = commands.add_parser("dashboard-link", help="print a sign-in link to the dashboard (GET /)")
+    link.add_argument("--url", default="http://127.0.0.1:8000", help="where reactor's web process is reached")
+    link.add_argument("--hours", type=float, default=12, help="how long the link works")
+    link.add_argument("--source", help="the lead source whose key signs it (default: the first)")
     webhook = commands.add_parser("webhook", help="manage reactor's webhook subscription in Twenty")
     webhook_actions = webhook.add_subparsers(dest="action", required=True)
     install = webhook_actions.add_parser("install", help="create or update the subscription; prints the secret")
@@ -245,11 +262,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"reactor: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format, settings.log_pii)
     if args.command == "web":
         run_web(settings, args.host, args.port)
+    elif args.command == "worker" and args.check:
+        return _check_worker(settings)
     elif args.command == "worker":
         return run_worker(settings)
+    elif args.command == "dashboard-link":
+        from reactor.api.dashboard import sign_token
+
+        source = args.source or next(iter(settings.lead_api_keys))
+        if source not in settings.lead_api_keys:
+            print(f"reactor: no lead source {source!r} in LEAD_API_KEYS", file=sys.stderr)
+            return 2
+        expires = int(time.time() + args.hours * 3600)
+        token = sign_token(source, settings.lead_api_keys[source].get_secret_value(), expires_at=expires)
+        print(f"{args.url.rstrip('/')}/?token={token}")
+        return 0
     elif args.command == "reconcile":
         if not _require_twenty(settings, "reactor reconcile"):
             return 2

@@ -120,7 +120,10 @@ async def _install_webhook(rest_url: str, token: str, target: str) -> str:
     return installed.secret
 
 
-def _banner(base_url: str, api_key: str, pg: devstack.Backend, rd: devstack.Backend, twenty: str) -> str:
+def _banner(base_url: str, source: str, api_key: str, pg: devstack.Backend, rd: devstack.Backend, twenty: str) -> str:
+    from reactor.api.dashboard import sign_token
+
+    dashboard = f"{base_url}/?token={sign_token(source, api_key, expires_at=int(time.time()) + 12 * 3600)}"
     curl = (
         f"curl -s -X POST {base_url}/leads -H 'X-API-Key: {api_key}' -H 'Content-Type: application/json' "
         """-d '{"first_name":"Ada","last_name":"Lovelace","email":"ada@example.com","phone":"+14155552671"}'"""
@@ -132,7 +135,8 @@ def _banner(base_url: str, api_key: str, pg: devstack.Backend, rd: devstack.Back
             f"  {pg.describe('postgres')}",
             f"  {rd.describe('redis')}",
             f"  twenty     {twenty}",
-            f"  API        {base_url}   (docs: {base_url}/docs)",
+            f"  API        {base_url}   (docs: {base_url}/docs, metrics: {base_url}/metrics)",
+            f"  dashboard  {dashboard}",
             f"  API key    {api_key}   (a lead source's key from LEAD_API_KEYS, else made once for 'dev')",
             "  try it: post a lead, then read it back; within a second it shows its Person and its assigned",
             "  follow-up task (crm_person_id, follow_up), and the worker's log says followup.created:",
@@ -157,7 +161,8 @@ def run(port: int) -> int:
         database_url = asyncio.run(_prepare_database(pg))
         keys = env.get("LEAD_API_KEYS") or f"dev:{_dev_api_key()}"
         api_key = keys.split(",")[0].partition(":")[2].strip()
-        child_env = {**env, "DATABASE_URL": database_url, "REDIS_URL": rd.url, "LEAD_API_KEYS": keys}
+        child_env = {"LOG_FORMAT": "text", **env, "DATABASE_URL": database_url, "REDIS_URL": rd.url,
+                     "LEAD_API_KEYS": keys}  # fmt: skip
         base_url = f"http://127.0.0.1:{port}"
         simulated = not env.get("TWENTY_REST_URL")
         sim: dict[str, list[str]] = {}
@@ -180,7 +185,8 @@ def run(port: int) -> int:
                         child_env["TWENTY_REST_URL"], token, f"{base_url}/webhooks/twenty"))  # fmt: skip
                 with _children(app, child_env) as processes:
                     _wait_ready(base_url, processes["web"])
-                    print(_banner(base_url, api_key, pg, rd, twenty), flush=True)
+                    source = keys.split(",")[0].partition(":")[0].strip()
+                    print(_banner(base_url, source, api_key, pg, rd, twenty), flush=True)
                     while all(p.poll() is None for p in [*processes.values(), *sims.values()]):
                         time.sleep(0.5)
                     return 1  # a child died on its own

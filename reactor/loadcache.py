@@ -302,6 +302,15 @@ class LoadCache:
                 pipe.hset(f"{PREFIX}members", mapping=dict(weights))
             await pipe.execute()
 
+    async def set_names(self, names: Mapping[str, str]) -> None:
+        """Display names of members (for the dashboard)."""
+        if names:
+            await self._redis.hset(f"{PREFIX}names", mapping=dict(names))  # type: ignore[misc]
+
+    async def names(self) -> dict[str, str]:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}names")  # type: ignore[misc]
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
     async def members(self) -> dict[str, float]:
         raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}members")  # type: ignore[misc]
         return {k.decode(): float(v) for k, v in raw.items()}

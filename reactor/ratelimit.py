@@ -14,6 +14,8 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from reactor import metrics
+
 # Returns 0 when a token was taken, else the milliseconds until one will be there.
 _TAKE_OR_WAIT_SCRIPT = """
 pcall(redis.replicate_commands)
@@ -77,4 +79,5 @@ class RedisTokenBucket:
                 return
             if time.monotonic() + wait_ms / 1000 > deadline:
                 raise RateLimitUnavailable(f"no Twenty call budget within {self._max_wait_s:g}s")
+            metrics.RATE_LIMIT_WAIT.inc(wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)

@@ -9,6 +9,7 @@ close follow-ups whose task was deleted or done in Twenty.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from reactor import assignees, followups, store, sync
+from reactor import assignees, followups, metrics, store, sync
 from reactor.resources import Resources
 from reactor.twenty import OPEN_STATUSES, TwentyClient, one_of
 
@@ -149,6 +150,8 @@ async def run(res: Resources, run_id: str, *, dry_run: bool = False, progress: P
 
     report.events_during_run = await res.cache.events_applied() - events_before
     report.seconds = round(time.monotonic() - started, 2)
+    last = report.as_dict() | {"run_id": run_id, "finished_at": time.time()}
+    await res.redis.set(metrics.LAST_RECONCILE_KEY, json.dumps(last))  # for /metrics and the dashboard
     await step("done", 1, 1)
     log.info("reconcile.done run=%s dry_run=%s drift=%s leads_synced=%d follow_ups_created=%d closed=%d events=%d",
              run_id, dry_run, report.drift, report.leads_synced, report.follow_ups_created,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import phonenumbers
@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(20.0, gt=0, le=600, validation_alias="LLM_TIMEOUT_S")
 
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+    log_format: Literal["json", "text"] = Field("json", validation_alias="LOG_FORMAT")
+    log_pii: bool = Field(False, validation_alias="LOG_PII")  # log emails and phones unmasked
+    # The worker's /metrics port (it has no HTTP server otherwise); 0: off.
+    worker_metrics_port: int = Field(0, ge=0, le=65535, validation_alias="WORKER_METRICS_PORT")
 
     @field_validator("database_url", mode="before")
     @classmethod

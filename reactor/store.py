@@ -150,6 +150,23 @@ async def get_lead(conn: Conn, lead_id: str) -> asyncpg.Record | None:
     )
 
 
+async def latest_leads(conn: Conn, *, limit: int) -> list[asyncpg.Record]:
+    """The newest leads with their person's latest follow-up (for the dashboard)."""
+    return await conn.fetch(
+        """SELECT l.lead_id, l.first_name, l.last_name, l.email, l.created_at, l.crm_synced, l.suppressed,
+                  l.sync_attempts, l.last_sync_error, f.state AS fu_state, f.assignee_id AS fu_assignee_id
+           FROM leads l
+           LEFT JOIN LATERAL (SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f
+                  ON true
+           ORDER BY l.seq DESC LIMIT $1""",
+        limit,
+    )
+
+
+async def count_failed_jobs(conn: Conn) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM failed_jobs WHERE replayed_at IS NULL"))
+
+
 async def list_leads(conn: Conn, *, limit: int, before_seq: int | None) -> list[asyncpg.Record]:
     """Newest first; `before_seq` is the cursor (the last seq of the previous page)."""
     return await conn.fetch(

@@ -22,6 +22,7 @@ import phonenumbers
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from reactor import metrics
 from reactor.ratelimit import Limiter, RateLimitUnavailable, Unlimited
 
 log = logging.getLogger("reactor.twenty")
@@ -269,6 +270,7 @@ class TwentyClient:
             if isinstance(failure, TwentyAuthError) or attempt == self._max_attempts:
                 raise failure
             delay = self._backoff(attempt, failure)
+            metrics.TWENTY_RETRIES.labels(str(failure.status or "network")).inc()
             log.info("twenty.retry method=%s path=%s attempt=%d delay_s=%.2f error=%s",
                      method, path, attempt, delay, failure)  # fmt: skip
             await self._sleep(delay)
@@ -279,13 +281,17 @@ class TwentyClient:
             await self._limiter.acquire()
         except RateLimitUnavailable as exc:
             return TwentyUnavailable(str(exc))
+        op = metrics.operation(method, path)
         try:
             response = await self._http.request(method, path, params=params, json=json)
         except httpx.TimeoutException as exc:
+            metrics.TWENTY_CALLS.labels(op, "timeout").inc()
             return TwentyUnavailable(f"Twenty timed out ({type(exc).__name__}) on {method} {path}")
         except httpx.TransportError as exc:
+            metrics.TWENTY_CALLS.labels(op, "error").inc()
             return TwentyUnavailable(f"Twenty unreachable ({type(exc).__name__}) on {method} {path}")
         status = response.status_code
+        metrics.TWENTY_CALLS.labels(op, str(status)).inc()
         if status < 300:
             try:
                 return response.json()

@@ -14,11 +14,12 @@ import random
 import time
 from typing import Any
 
+import prometheus_client
 from arq import Retry
 from arq.cron import CronJob, cron
 from arq.worker import Worker, func
 
-from reactor import assignees, deadletters, followups, jobs, store, sync
+from reactor import assignees, deadletters, followups, jobs, logs, metrics, store, sync
 from reactor.resources import Resources, open_resources
 from reactor.settings import Settings
 from reactor.twenty import Person, TwentyClient, TwentyError, TwentyUnavailable
@@ -178,6 +179,10 @@ def _cron_jobs(settings: Settings) -> list[CronJob]:
     return [cron(reconcile, name="reconcile_cron", unique=True, timeout=3600, **when)]  # type: ignore[arg-type]
 
 
+async def _job_context(ctx: dict[str, Any]) -> None:
+    logs.job_id.set(ctx["job_id"])  # every log line of the job carries its id
+
+
 def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> Worker:
     settings = res.settings
     ticker: dict[str, asyncio.Task[None]] = {}
@@ -199,23 +204,43 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
     return Worker(
         functions=[
             func(
-                sync_lead, name=jobs.SYNC_LEAD, keep_result=SYNC_LEAD_KEEP_RESULT_S, max_tries=settings.sync_max_tries
+                metrics.instrumented(jobs.SYNC_LEAD)(sync_lead),
+                name=jobs.SYNC_LEAD,
+                keep_result=SYNC_LEAD_KEEP_RESULT_S,
+                max_tries=settings.sync_max_tries,
             ),
-            func(sync_backlog, name=jobs.SYNC_BACKLOG, keep_result=BACKLOG_KEEP_RESULT_S, timeout=3600),
             func(
-                create_follow_up,
+                metrics.instrumented(jobs.SYNC_BACKLOG)(sync_backlog),
+                name=jobs.SYNC_BACKLOG,
+                keep_result=BACKLOG_KEEP_RESULT_S,
+                timeout=3600,
+            ),
+            func(
+                metrics.instrumented(jobs.FOLLOW_UP)(create_follow_up),
                 name=jobs.FOLLOW_UP,
                 keep_result=SYNC_LEAD_KEEP_RESULT_S,
                 max_tries=settings.sync_max_tries,
             ),
-            func(auto_assign, name=jobs.AUTO_ASSIGN, keep_result=BACKLOG_KEEP_RESULT_S, timeout=3600),
-            func(reconcile, name=jobs.RECONCILE, keep_result=BACKLOG_KEEP_RESULT_S, timeout=3600, max_tries=1),
+            func(
+                metrics.instrumented(jobs.AUTO_ASSIGN)(auto_assign),
+                name=jobs.AUTO_ASSIGN,
+                keep_result=BACKLOG_KEEP_RESULT_S,
+                timeout=3600,
+            ),
+            func(
+                metrics.instrumented(jobs.RECONCILE)(reconcile),
+                name=jobs.RECONCILE,
+                keep_result=BACKLOG_KEEP_RESULT_S,
+                timeout=3600,
+                max_tries=1,
+            ),
         ],
         cron_jobs=_cron_jobs(settings),
         redis_pool=res.redis,
         ctx={"resources": res},
         on_startup=startup,
         on_shutdown=shutdown,
+        on_job_start=_job_context,
         burst=burst,
         poll_delay=0 if burst else POLL_DELAY_S,
         handle_signals=not burst,
@@ -227,6 +252,8 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
 
 
 async def run(settings: Settings) -> None:
+    if settings.worker_metrics_port:
+        prometheus_client.start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
     async with open_resources(settings) as res:
         worker = build_worker(res)
         # On SIGTERM arq gives the jobs in flight JOB_COMPLETION_WAIT_S to finish; the rest are cancelled and

@@ -147,6 +147,8 @@ async def test_rejections_are_401_with_a_reason(api: httpx.AsyncClient) -> None:
     replay = await api.post("/webhooks/twenty", content=body, headers=headers)  # the same request, captured
     assert first.status_code == 202
     assert (replay.status_code, replay.json()["detail"]) == (401, "this delivery was already received (replayed nonce)")
+    resent = await post(api, body)  # the replay did not make the event forgettable: a re-send is still a duplicate
+    assert (resent.status_code, resent.json()["status"]) == (200, "duplicate")
 
 
 async def test_bad_bodies_are_4xx_not_500(api: httpx.AsyncClient) -> None:

@@ -9,10 +9,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reactor import intake, jobs
+from reactor import intake, jobs, metrics
 from reactor.api.auth import authenticate
 from reactor.api.inputs import int_param, read_json, text_param
-from reactor.errors import InvalidInput, LeadNotFound
+from reactor.errors import InvalidInput, LeadNotFound, ReactorError
 from reactor.models import LeadAccepted, LeadIn, LeadList, LeadPage
 from reactor.normalize import normalize_email, normalize_phone
 from reactor.resources import Resources
@@ -33,16 +33,21 @@ def _json(model: Any, status: int = 200) -> JSONResponse:
 async def create_lead(request: Request) -> JSONResponse:
     res = _resources(request)
     api_source = authenticate(request, res.settings.lead_api_keys)
-    payload = await read_json(request)
-    if not isinstance(payload, dict):
-        raise InvalidInput.field("(body)", "must be a JSON object")
     try:
-        lead = LeadIn.model_validate(payload, context={"phone_region": res.settings.default_phone_region})
-    except ValidationError as exc:
-        raise InvalidInput.from_validation(exc) from None
+        payload = await read_json(request)
+        if not isinstance(payload, dict):
+            raise InvalidInput.field("(body)", "must be a JSON object")
+        try:
+            lead = LeadIn.model_validate(payload, context={"phone_region": res.settings.default_phone_region})
+        except ValidationError as exc:
+            raise InvalidInput.from_validation(exc) from None
+    except ReactorError:
+        metrics.LEADS.labels("rejected", api_source).inc()
+        raise
     result = await intake.submit(res.db, lead, api_source=api_source, payload=payload)
     await jobs.enqueue_sync_lead(res.redis, result.lead_id)  # after the commit; a no-op once synced
     status = "created" if result.created else "existing"
+    metrics.LEADS.labels(status, api_source).inc()
     return _json(LeadAccepted(status=status, lead_id=result.lead_id), 201 if result.created else 200)
 
 

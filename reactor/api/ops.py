@@ -1,15 +1,17 @@
-"""Probes: GET /healthz (the process is up) and GET /readyz (PostgreSQL and Redis answer in time)."""
+"""Probes and metrics: GET /healthz (the process is up), GET /readyz (PostgreSQL and Redis answer in time),
+GET /metrics (Prometheus)."""
 
 from __future__ import annotations
 
 import logging
 
 import anyio
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from reactor import store
+from reactor import metrics, store
 from reactor.resources import Resources
 
 log = logging.getLogger("reactor.ops")
@@ -44,4 +46,14 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
 
 
-routes = [Route("/healthz", healthz), Route("/readyz", readyz)]
+async def prometheus(request: Request) -> Response:
+    res: Resources = request.state.resources
+    try:
+        with anyio.fail_after(PROBE_TIMEOUT_S):
+            await metrics.refresh_fleet(res.redis, res.db)
+    except Exception as exc:  # the process's own counters are still worth scraping
+        log.warning("metrics.fleet_unavailable error=%s", type(exc).__name__)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", prometheus)]

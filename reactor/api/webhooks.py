@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reactor import events
+from reactor import events, metrics
 from reactor.api.inputs import read_body
 from reactor.errors import InvalidEvent, InvalidSignature, MalformedJson, NotConfigured, ServiceUnavailable
 from reactor.resources import Resources
@@ -36,30 +36,41 @@ async def twenty_webhook(request: Request) -> JSONResponse:
                        tolerance_s=tolerance)  # fmt: skip
     except SignatureRejected as exc:
         log.warning("webhook.rejected reason=%s", exc)
+        metrics.WEBHOOKS.labels("unknown", "rejected_signature").inc()
         raise InvalidSignature(str(exc)) from None
     try:
         event = parse_event(json.loads(body))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        metrics.WEBHOOKS.labels("unknown", "invalid").inc()
         raise MalformedJson(f"body is not valid JSON: {exc}") from None
     except MalformedEvent as exc:
+        metrics.WEBHOOKS.labels("unknown", "invalid").inc()
         raise InvalidEvent(str(exc)) from None
 
     event_key = f"reactor:webhook:event:{event.event_id}"
     try:
-        if not await res.redis.set(f"reactor:webhook:nonce:{nonce}", 1, nx=True, ex=2 * tolerance):
-            log.warning("webhook.rejected reason=replayed_nonce event=%s", event.name)
-            raise InvalidSignature("this delivery was already received (replayed nonce)")
-        if not await res.redis.set(event_key, 1, nx=True, ex=EVENT_MEMORY_S):
-            log.info("webhook.duplicate event=%s record=%s", event.name, event.record_id)
-            return JSONResponse({"status": "duplicate", "event_id": event.event_id})
+        fresh = await res.redis.set(f"reactor:webhook:nonce:{nonce}", 1, nx=True, ex=2 * tolerance)
+        first = fresh and await res.redis.set(event_key, 1, nx=True, ex=EVENT_MEMORY_S)
+    except RedisError as exc:
+        raise ServiceUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+    if not fresh:
+        log.warning("webhook.rejected reason=replayed_nonce event=%s", event.name)
+        metrics.WEBHOOKS.labels(event.name, "rejected_replay").inc()
+        raise InvalidSignature("this delivery was already received (replayed nonce)")
+    if not first:
+        log.info("webhook.duplicate event=%s record=%s", event.name, event.record_id)
+        metrics.WEBHOOKS.labels(event.name, "duplicate").inc()
+        return JSONResponse({"status": "duplicate", "event_id": event.event_id})
+    try:
         outcome = await events.handle(event, db=res.db, cache=res.cache, queue=res.redis)
     except RedisError as exc:
-        await _forget(res, event_key)
+        await _forget(res, event_key)  # not processed: a re-send (or reconcile) may still apply it
         raise ServiceUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
     except Exception:
-        await _forget(res, event_key)  # not processed: a re-send (or reconcile) may still apply it
+        await _forget(res, event_key)
         raise
     log.info("webhook.event event=%s record=%s outcome=%s", event.name, event.record_id, outcome)
+    metrics.WEBHOOKS.labels(event.name, "ignored" if outcome == "ignored" else "accepted").inc()
     return JSONResponse({"status": outcome, "event_id": event.event_id}, status_code=202)
 
 

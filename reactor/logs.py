@@ -1,0 +1,100 @@
+"""Logging: JSON lines in production, readable lines on a terminal (`reactor dev`); every line carries the request
+or job it belongs to; people's emails and phones are masked unless LOG_PII=true."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+
+_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9-])[A-Za-z0-9.-]*\.([A-Za-z]{2,})")
+_PHONE = re.compile(r"\+\d{5,13}(\d{2})\b")  # intake stores phones as E.164: that is the form that reaches logs
+_TOKEN = re.compile(r"([?&]token=)[^&\s\"]+")  # dashboard sign-in links, e.g. in access logs
+_PERCENT_EMAIL = re.compile(r"([A-Za-z0-9._+-])[A-Za-z0-9._+-]*%40([A-Za-z0-9-])[A-Za-z0-9.-]*")
+
+
+def mask(text: str) -> str:
+    """ada.lovelace@example.com -> a***@e***.com; +14155552671 -> +*********71."""
+    text = _TOKEN.sub(r"\1***", text)
+    text = _EMAIL.sub(r"\1***@\2***.\3", text)
+    text = _PERCENT_EMAIL.sub(r"\1***%40\2***", text)
+    return _PHONE.sub(lambda m: "+" + "*" * (len(m.group(0)) - 3) + m.group(1), text)
+
+
+class ContextFilter(logging.Filter):
+    """Adds request_id / job_id to every record, and masks personal data in its message."""
+
+    def __init__(self, *, pii: bool) -> None:
+        super().__init__()
+        self._pii = pii
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        record.job_id = job_id.get()
+        if not self._pii:
+            message = record.getMessage()
+            masked = mask(message)
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("request_id", "job_id"):
+            if value := getattr(record, key, None):
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s%(context)s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        ids = [v for v in (getattr(record, "request_id", None), getattr(record, "job_id", None)) if v]
+        record.context = f" [{' '.join(ids)}]" if ids else ""
+        return super().format(record)
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged (test runners swap it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure(level: str, *, fmt: str = "json", pii: bool = False) -> None:
+    """Route every logger (uvicorn's and arq's included) through one handler on stderr."""
+    handler = _Stderr()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter(pii=pii))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq", "arq.worker"):
+        named = logging.getLogger(name)
+        named.handlers[:] = []
+        named.propagate = True
+    # httpx logs every request URL at INFO, and Twenty look-ups carry people's emails in their filters.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
