@@ -98,3 +98,31 @@ CREATE TABLE IF NOT EXISTS follow_ups (
 );
 
 CREATE UNIQUE INDEX IF NOT EXISTS follow_ups_one_open ON follow_ups (person_id) WHERE state IN ('pending', 'open');
+
+-- Routing: availability and caps per workspace member (GET/PUT /members/{id}/availability).
+CREATE TABLE IF NOT EXISTS member_availability (
+    member_id       text PRIMARY KEY,
+    away            boolean NOT NULL DEFAULT false,      -- away until further notice
+    away_until      timestamptz,                          -- away until this moment
+    working_hours   jsonb,                                -- {"timezone", "days": ["mon", …], "start": "09:00", "end": "17:30"}
+    max_open_tasks  integer CHECK (max_open_tasks >= 0),  -- NULL: MEMBER_MAX_OPEN_TASKS applies
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- Every assignment decision, with every candidate as it was at that moment (GET /assignments).
+CREATE TABLE IF NOT EXISTS assignment_decisions (
+    id             bigserial PRIMARY KEY,
+    person_id      text,
+    task_id        text NOT NULL,
+    chosen_member  text,                                  -- NULL: nobody was available (the follow-up waits)
+    rule           text NOT NULL,
+    candidates     jsonb NOT NULL,
+    decided_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS assignment_decisions_person ON assignment_decisions (person_id, decided_at DESC);
+
+-- Follow-ups: waiting for an available member; SLA re-assignment bookkeeping.
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS wait_until timestamptz;
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS task_version text;       -- the task's updatedAt after our last write
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS reassignments integer NOT NULL DEFAULT 0;

@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reactor import logs
-from reactor.api import dashboard, docs, jobs, leads, ops, reconcile, webhooks
+from reactor.api import dashboard, docs, jobs, leads, members, ops, reconcile, webhooks
 from reactor.errors import EXCEPTION_HANDLERS
 from reactor.resources import open_resources
 from reactor.settings import Settings
@@ -34,6 +34,7 @@ def create_app(settings: Settings) -> Starlette:
             *reconcile.routes,
             *ops.routes,
             *docs.routes(),
+            *members.routes,
             *dashboard.routes,
         ],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -8,7 +8,10 @@ import logging
 import time
 import uuid
 
-from reactor.loadcache import LoadCache, Pick, Rebuilt, TaskState, to_ms
+import asyncpg
+
+from reactor import routing
+from reactor.loadcache import LoadCache, Rebuilt, TaskState, to_ms
 from reactor.settings import Settings
 from reactor.twenty import PAGE_SIZE, TwentyClient, WorkspaceMember, one_of
 
@@ -30,6 +33,7 @@ async def refresh_members(twenty: TwentyClient, cache: LoadCache, settings: Sett
         log.warning("assign.unknown_assignees emails=%s (not workspace members)", ",".join(sorted(missing)))
     await cache.set_members(eligible)
     await cache.set_names({m.id: _display_name(m) for m in members})
+    await cache.set_emails({m.user_email.lower(): m.id for m in members if m.user_email})
     log.info("assign.members eligible=%d of=%d", len(eligible), len(members))
     return eligible
 
@@ -39,22 +43,21 @@ def _display_name(member: WorkspaceMember) -> str:
     return name or member.user_email or member.id
 
 
-async def pick(twenty: TwentyClient, cache: LoadCache, settings: Settings, task_id: str) -> Pick | None:
-    """Reserve the member for a new task (its id is the reservation). None when nobody is eligible."""
+async def choose(
+    twenty: TwentyClient, cache: LoadCache, db: asyncpg.Pool, settings: Settings, *, task_id: str,
+    person_id: str | None, exclude: str | None = None, rule_prefix: str = "",
+) -> routing.Decision:  # fmt: skip
+    """Decide (and reserve, under the task's id) who takes a task, by the routing rules; no CRM call once the
+    cache is built. The decision is logged and stored."""
     if not await cache.is_built():  # first use (or Redis was flushed): count the loads before choosing
         async with _first_build:  # once per process, however many picks are waiting
             if not await cache.is_built():
                 await refresh_members(twenty, cache, settings)
                 await rebuild_loads(twenty, cache, settings)
-    chosen = await cache.pick(task_id)
-    if chosen is None and not await cache.members():
+    if not await cache.members():
         await refresh_members(twenty, cache, settings)  # the members were never read
-        chosen = await cache.pick(task_id)
-    if chosen is None:
-        log.warning("assign.no_eligible_member task=%s (the task is created unassigned)", task_id)
-        return None
-    log.info("assign.picked task=%s member=%s loads_seen=%s", task_id, chosen.member_id, chosen.loads_seen)
-    return chosen
+    return await routing.decide(cache, db, settings, task_id=task_id, person_id=person_id, exclude=exclude,
+                                rule_prefix=rule_prefix)  # fmt: skip
 
 
 async def rebuild_loads(twenty: TwentyClient, cache: LoadCache, settings: Settings, *, apply: bool = True) -> Rebuilt:

@@ -77,8 +77,7 @@ def run_worker(settings: Settings) -> int:
         return 2
     from reactor import worker
 
-    asyncio.run(worker.run(settings))
-    return 0
+    return asyncio.run(worker.run(settings))
 
 
 async def _replay(settings: Settings, job_name: str | None, failed_id: int | None) -> int:

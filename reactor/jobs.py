@@ -22,6 +22,7 @@ FOLLOW_UP = "create_follow_up"
 FOLLOW_UP_BATCH = "create_follow_ups"
 AUTO_ASSIGN = "auto_assign"
 RECONCILE = "reconcile"
+SLA_CHECK = "sla_check"
 ENQUEUE_TIMEOUT_S = 2.0
 
 
@@ -54,6 +55,11 @@ async def enqueue_follow_up(queue: ArqRedis, person_id: str, person: dict[str, A
     when the caller has it (a webhook does), which saves the job a call to Twenty."""
     args = (person_id, person) if person else (person_id,)
     return await enqueue(queue, FOLLOW_UP, *args, job_id=follow_up_job_id(person_id))
+
+
+async def schedule_sla_check(queue: ArqRedis, task_id: str, round_: int, hours: float) -> None:
+    """Look at the follow-up again in `hours`; its id makes scheduling one round twice harmless."""
+    await queue.enqueue_job(SLA_CHECK, task_id, round_, _job_id=f"sla:{task_id}:{round_}", _defer_by=hours * 3600)
 
 
 async def enqueue(queue: ArqRedis, name: str, *args: object, job_id: str | None = None) -> Job | None:

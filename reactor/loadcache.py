@@ -67,43 +67,72 @@ return 1
 """
 )
 
-# ARGV: reservation (= task) id. Returns {member, loads-json} or false when no member is eligible.
+# ARGV: reservation (= task) id, then (member, weight, cap) for each candidate (cap 0: none). A capped member is
+# skipped. Returns {member or '', loads-json of every candidate, rule}.
 _PICK = """
 local existing = redis.call('HGET', KEYS[3], ARGV[1])
-if existing then return {existing, '{}'} end
-local members = redis.call('HGETALL', KEYS[4])
+if existing then return {existing, '{}', 'reserved_before'} end
 local best, best_score, best_last = nil, nil, nil
-local seen = {}
-for i = 1, #members, 2 do
-  local member, weight = members[i], tonumber(members[i + 1])
+local seen, scores = {}, {}
+for i = 2, #ARGV, 3 do
+  local member, weight, cap = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local load = tonumber(redis.call('HGET', KEYS[2], member) or '0')
-  local last = tonumber(redis.call('HGET', KEYS[5], member) or '0')
-  local score = load / weight
   seen[member] = load
-  if best == nil or score < best_score or (score == best_score and (last < best_last
-      or (last == best_last and member < best))) then
-    best, best_score, best_last = member, score, last
+  if cap == 0 or load < cap then
+    local last = tonumber(redis.call('HGET', KEYS[5], member) or '0')
+    local score = load / weight
+    scores[member] = score
+    if best == nil or score < best_score or (score == best_score and (last < best_last
+        or (last == best_last and member < best))) then
+      best, best_score, best_last = member, score, last
+    end
   end
 end
-if best == nil then return false end
+if best == nil then return {'', cjson.encode(seen), 'all_capped'} end
+local tied = 0
+for _, score in pairs(scores) do if score == best_score then tied = tied + 1 end end
 redis.call('HINCRBY', KEYS[2], best, 1)
 redis.call('HSET', KEYS[5], best, redis.call('INCR', KEYS[6]))
 redis.call('HSET', KEYS[3], ARGV[1], best)
-return {best, cjson.encode(seen)}
+local rule = 'lowest_weighted_load'
+if tied > 1 then rule = 'tie_least_recently_assigned' end
+return {best, cjson.encode(seen), rule}
 """
 
-# ARGV: task id, version. The reservation becomes the task, unless a task event already counted it.
+# ARGV: task id, version, assignee. Twenty has the task, at this version, assigned to `assignee`: the reservation
+# (if Redis still has it) stops counting and the task counts instead, once, against that assignee. A task event
+# that already counted it (perhaps against an earlier assignee) is corrected; one newer than this version wins.
 _CONFIRM = (
     _LIB
     + """
-local member = redis.call('HGET', KEYS[3], ARGV[1])
-if not member then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  bump(member, -1)
-else
-  redis.call('HSET', KEYS[1], ARGV[1], member .. '|1|' .. ARGV[2] .. '|0')
+local id, version, assignee = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local reserved = redis.call('HGET', KEYS[3], id)
+if reserved then
+  redis.call('HDEL', KEYS[3], id)
+  bump(reserved, -1)
+  if assignee == '' then assignee = reserved end
 end
+local entry = redis.call('HGET', KEYS[1], id)
+if entry then
+  local old_assignee, old_counted, old_version, old_deleted = parse(entry)
+  if old_version > version or (old_assignee == assignee and old_counted == 1) then return 1 end
+  if old_counted == 1 then bump(old_assignee, -1) end
+end
+if assignee ~= '' then
+  bump(assignee, 1)
+  redis.call('HSET', KEYS[1], id, assignee .. '|1|' .. string.format('%d', version) .. '|0')
+end
+return 1
+"""
+)
+
+# ARGV: task id, member. A reservation made by rule rather than by load (the fallback assignee).
+_RESERVE = (
+    _LIB
+    + """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+bump(ARGV[2], 1)
 return 1
 """
 )
@@ -245,8 +274,9 @@ class TaskState:
 
 @dataclass(frozen=True)
 class Pick:
-    member_id: str
+    member_id: str | None  # None: every candidate was capped (or there were none)
     loads_seen: dict[str, int]
+    rule: str = "lowest_weighted_load"  # or tie_least_recently_assigned, all_capped, reserved_before
 
 
 def to_ms(value: str | datetime | None) -> int:
@@ -264,6 +294,7 @@ class LoadCache:
         self._pick = redis.register_script(_PICK)
         self._confirm = redis.register_script(_CONFIRM)
         self._release = redis.register_script(_RELEASE)
+        self._reserve = redis.register_script(_RESERVE)
         self._swap = redis.register_script(_SWAP)
 
     def counts_as_load(self, status: str | None) -> bool:
@@ -278,18 +309,34 @@ class LoadCache:
         args: list[str | int] = [state.task_id, state.assignee_id or "", open_, version, deleted, mode]
         return bool(await self._apply(keys=KEYS, args=args))
 
-    async def pick(self, reservation_id: str) -> Pick | None:
-        """Reserve the eligible member with the lowest load (weighted); ties go to the least recently assigned.
-        Picking twice with one reservation id returns the same member. None when no member is eligible."""
-        result = await self._pick(keys=KEYS, args=[reservation_id])
-        if not result:
-            return None
-        member, loads = result
-        return Pick(member.decode() if isinstance(member, bytes) else member, json.loads(loads))
+    async def pick(self, reservation_id: str, candidates: Mapping[str, tuple[float, int]] | None = None) -> Pick:
+        """Reserve the candidate (member -> (weight, cap)) with the lowest load / weight, skipping capped ones;
+        ties go to the least recently assigned. Without candidates: every member, uncapped. Picking twice with
+        one reservation id returns the same member. `member_id` is None when every candidate is capped."""
+        if candidates is None:
+            candidates = {member: (weight, 0) for member, weight in (await self.members()).items()}
+        args: list[str | int | float] = [reservation_id]
+        for member, (weight, cap) in sorted(candidates.items()):
+            args += [member, weight, cap]
+        member, loads, rule = await self._pick(keys=KEYS, args=args)
+        chosen = member.decode() if isinstance(member, bytes) else str(member)
+        rule_name = rule.decode() if isinstance(rule, bytes) else str(rule)
+        return Pick(chosen or None, json.loads(loads) if loads not in (b"[]", "[]") else {}, rule_name)
 
-    async def confirm(self, task_id: str, version_ms: int) -> None:
-        """Twenty created the reserved task (its id is the reservation id)."""
-        await self._confirm(keys=KEYS, args=[task_id, version_ms])
+    async def confirm(self, task_id: str, version_ms: int, assignee_id: str | None = None) -> None:
+        """Twenty created the reserved task (its id is the reservation id), assigned to `assignee_id`."""
+        await self._confirm(keys=KEYS, args=[task_id, version_ms, assignee_id or ""])
+
+    async def reserve(self, reservation_id: str, member: str) -> None:
+        await self._reserve(keys=KEYS, args=[reservation_id, member])
+
+    async def member_ids_by_email(self) -> dict[str, str]:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}emails")  # type: ignore[misc]
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def set_emails(self, ids_by_email: Mapping[str, str]) -> None:
+        if ids_by_email:
+            await self._redis.hset(f"{PREFIX}emails", mapping=dict(ids_by_email))  # type: ignore[misc]
 
     async def release(self, reservation_id: str) -> bool:
         return bool(await self._release(keys=KEYS, args=[reservation_id]))

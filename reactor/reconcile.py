@@ -126,7 +126,7 @@ async def run(res: Resources, run_id: str, *, dry_run: bool = False, progress: P
     await step("leads", 0, report.leads_unsynced)
     deps = res.follow_up_deps()
     if not dry_run and report.leads_unsynced:
-        synced = await sync.sync_backlog(res.db, twenty, _sync_options(res), on_synced=None)
+        synced = await sync.sync_backlog(res.db, twenty, sync.SyncOptions.from_settings(res.settings), on_synced=None)
         report.leads_synced, report.leads_failed = len(synced.synced), len(synced.failed)
         report.interrupted = synced.interrupted
 
@@ -157,12 +157,6 @@ async def run(res: Resources, run_id: str, *, dry_run: bool = False, progress: P
              run_id, dry_run, report.drift, report.leads_synced, report.follow_ups_created,
              report.follow_ups_closed, report.events_during_run)  # fmt: skip
     return report
-
-
-def _sync_options(res: Resources) -> sync.SyncOptions:
-    s = res.settings
-    return sync.SyncOptions(field_map=s.person_field_map, restore_deleted=s.restore_deleted_people,
-                            batch_size=s.twenty_batch_size)  # fmt: skip
 
 
 async def _close_finished_follow_ups(res: Resources, twenty: TwentyClient, *, dry_run: bool) -> int:

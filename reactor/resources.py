@@ -31,7 +31,7 @@ class Resources:
     def follow_up_deps(self) -> FollowUpDeps:
         assert self.twenty is not None, "follow-ups need Twenty configured"
         return FollowUpDeps(db=self.db, twenty=self.twenty, cache=self.cache, llm_http=self.llm_http,
-                            settings=self.settings)  # fmt: skip
+                            settings=self.settings, queue=self.redis)  # fmt: skip
 
 
 def twenty_bucket_key(token: str) -> str:

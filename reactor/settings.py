@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     restore_deleted_people: bool = Field(False, validation_alias="RESTORE_DELETED_PEOPLE")
     sync_sweep_s: int = Field(30, ge=1, validation_alias="SYNC_SWEEP_S")
     sync_max_tries: int = Field(8, ge=1, le=50, validation_alias="SYNC_MAX_TRIES")
+    # How long a worker holds the leads it is pushing; a killed worker's leads are pushed again after it.
+    sync_lease_s: float = Field(120.0, ge=1, le=3600, validation_alias="SYNC_LEASE_S")
     sync_retry_base_s: float = Field(5.0, gt=0, le=3600, validation_alias="SYNC_RETRY_BASE_S")
     twenty_max_attempts: int = Field(4, ge=1, le=10, validation_alias="TWENTY_MAX_ATTEMPTS")
     twenty_webhook_secret: SecretStr | None = Field(None, validation_alias="TWENTY_WEBHOOK_SECRET")
@@ -67,6 +69,11 @@ class Settings(BaseSettings):
     assignee_weights: Annotated[dict[str, float], NoDecode] = Field({}, validation_alias="ASSIGNEE_WEIGHTS")
     # Reconcile on a schedule: a five-field cron expression (UTC), e.g. "15 3 * * *". Empty: on demand only.
     reconcile_cron: str | None = Field(None, validation_alias="RECONCILE_CRON")
+    # Routing: who takes a follow-up when nobody is available (else it waits), caps, SLA re-assignment.
+    fallback_assignee_email: str | None = Field(None, validation_alias="FALLBACK_ASSIGNEE_EMAIL")
+    member_max_open_tasks: int = Field(0, ge=0, validation_alias="MEMBER_MAX_OPEN_TASKS")  # 0: no cap
+    follow_up_sla_hours: float = Field(0.0, ge=0, le=24 * 30, validation_alias="FOLLOW_UP_SLA_HOURS")  # 0: off
+    max_reassignments: int = Field(2, ge=0, le=20, validation_alias="MAX_REASSIGNMENTS")
     follow_up_due_hours: float = Field(24.0, gt=0, le=24 * 365, validation_alias="FOLLOW_UP_DUE_HOURS")
     enable_llm_copywriting: bool = Field(False, validation_alias="ENABLE_LLM_COPYWRITING")
     ollama_url: str = Field("http://localhost:11434", validation_alias="OLLAMA_URL")
@@ -163,6 +170,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r}: each entry must be email:weight with a weight above 0, e.g. a@x.com:2")
             weights[email.strip().lower()] = number
         return weights
+
+    @field_validator("fallback_assignee_email", mode="before")
+    @classmethod
+    def _check_fallback(cls, value: Any) -> Any:
+        if value in (None, ""):
+            return None
+        email = str(value).strip().lower()
+        if "@" not in email:
+            raise ValueError("must be a workspace member's email")
+        return email
+
+    def routing_emails(self) -> set[str]:
+        """Every member email the routing settings name (checked against Twenty's members at worker start)."""
+        named = set(self.assignee_emails) | set(self.assignee_weights)
+        return named | ({self.fallback_assignee_email} if self.fallback_assignee_email else set())
 
     @field_validator("reconcile_cron")
     @classmethod

@@ -347,15 +347,46 @@ async def current_follow_up(conn: Conn, person_id: str) -> asyncpg.Record | None
     )
 
 
-async def open_follow_up(conn: Conn, task_id: str, *, assignee_id: str | None, llm_used: bool) -> None:
+async def open_follow_up(
+    conn: Conn, task_id: str, *, assignee_id: str | None, llm_used: bool, task_version: str | None
+) -> None:
     await conn.execute(
         """UPDATE follow_ups SET state = 'open', assignee_id = $2, llm_used = $3, opened_at = now(),
-                                 last_error = NULL
+                                 last_error = NULL, wait_until = NULL, task_version = $4
            WHERE task_id = $1 AND state = 'pending'""",
-        task_id,
-        assignee_id,
-        llm_used,
+        task_id, assignee_id, llm_used, task_version,
+    )  # fmt: skip
+
+
+async def wait_follow_up(conn: Conn, task_id: str, *, seconds: float) -> None:
+    """Nobody can take the follow-up now: keep the person's slot, and try again after `seconds`."""
+    await conn.execute(
+        "UPDATE follow_ups SET wait_until = now() + make_interval(secs => $2) WHERE task_id = $1 AND state = 'pending'",
+        task_id, float(seconds),
+    )  # fmt: skip
+
+
+async def resumable_follow_ups(conn: Conn) -> list[str]:
+    """People whose follow-up should be tried again now: its wait for an available member is over, or it was
+    left pending (a failed attempt, or a worker that died) long enough ago."""
+    rows = await conn.fetch(
+        """SELECT person_id FROM follow_ups WHERE state = 'pending'
+           AND (wait_until <= now() OR (wait_until IS NULL AND created_at < now() - make_interval(secs => $1)))""",
+        float(STALE_PENDING_S),
     )
+    return [row["person_id"] for row in rows]
+
+
+async def follow_up_by_task(conn: Conn, task_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM follow_ups WHERE task_id = $1", task_id)
+
+
+async def reassign_follow_up(conn: Conn, task_id: str, *, assignee_id: str, task_version: str | None) -> None:
+    await conn.execute(
+        """UPDATE follow_ups SET assignee_id = $2, task_version = $3, reassignments = reassignments + 1
+           WHERE task_id = $1 AND state = 'open'""",
+        task_id, assignee_id, task_version,
+    )  # fmt: skip
 
 
 async def close_follow_up(conn: Conn, task_id: str, *, state: str = "closed", error: str | None = None) -> bool:
@@ -393,6 +424,43 @@ async def lead_for_person(conn: Conn, person_id: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "SELECT * FROM leads WHERE crm_person_id = $1 ORDER BY last_seen_at DESC LIMIT 1", person_id
     )
+
+
+# -- routing -----------------------------------------------------------------------------------------------
+
+
+async def member_availability(conn: Conn) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM member_availability")
+
+
+async def save_member_availability(
+    conn: Conn, member_id: str, *, away: bool, away_until: Any, working_hours: Any, max_open_tasks: int | None
+) -> None:
+    await conn.execute(
+        """INSERT INTO member_availability (member_id, away, away_until, working_hours, max_open_tasks, updated_at)
+           VALUES ($1, $2, $3, $4, $5, now())
+           ON CONFLICT (member_id) DO UPDATE SET away = $2, away_until = $3, working_hours = $4,
+                                                 max_open_tasks = $5, updated_at = now()""",
+        member_id, away, away_until, working_hours, max_open_tasks,
+    )  # fmt: skip
+
+
+async def record_decision(
+    conn: Conn, *, person_id: str | None, task_id: str, member: str | None, rule: str, candidates: Any
+) -> None:
+    await conn.execute(
+        """INSERT INTO assignment_decisions (person_id, task_id, chosen_member, rule, candidates)
+           VALUES ($1, $2, $3, $4, $5)""",
+        person_id, task_id, member, rule, candidates,
+    )  # fmt: skip
+
+
+async def decisions(conn: Conn, *, person_id: str | None, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT * FROM assignment_decisions WHERE ($1::text IS NULL OR person_id = $1)
+           ORDER BY decided_at DESC, id DESC LIMIT $2""",
+        person_id, limit,
+    )  # fmt: skip
 
 
 async def ping(conn: Conn) -> None:

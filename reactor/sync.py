@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from reactor import store
+from reactor.settings import Settings
 from reactor.twenty import Person, PersonInput, TwentyClient, TwentyError, TwentyRejected
 
 log = logging.getLogger("reactor.sync")
@@ -34,6 +35,11 @@ class SyncOptions:
     restore_deleted: bool
     batch_size: int = 60
     lease_s: float = LEASE_S
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SyncOptions:
+        return cls(field_map=settings.person_field_map, restore_deleted=settings.restore_deleted_people,
+                   batch_size=settings.twenty_batch_size, lease_s=settings.sync_lease_s)  # fmt: skip
 
 
 @dataclass

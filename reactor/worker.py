@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
 from typing import Any
 
@@ -47,11 +48,7 @@ def _resources(ctx: dict[str, Any]) -> tuple[Resources, TwentyClient]:
 
 
 def sync_options(settings: Settings) -> sync.SyncOptions:
-    return sync.SyncOptions(
-        field_map=settings.person_field_map,
-        restore_deleted=settings.restore_deleted_people,
-        batch_size=settings.twenty_batch_size,
-    )
+    return sync.SyncOptions.from_settings(settings)
 
 
 async def _retry_or_dead_letter(ctx: dict[str, Any], name: str, args: list[Any], exc: TwentyUnavailable) -> None:
@@ -106,6 +103,17 @@ async def create_follow_up(ctx: dict[str, Any], person_id: str, record: dict[str
     return outcome.as_dict()
 
 
+async def sla_check(ctx: dict[str, Any], task_id: str, round_: int) -> str:
+    """A follow-up untouched for FOLLOW_UP_SLA_HOURS goes to the next member by the same rules."""
+    res, _ = _resources(ctx)
+    try:
+        outcome = await followups.reassign_if_untouched(res.follow_up_deps(), task_id, round_)
+    except TwentyUnavailable as exc:
+        await _retry_or_dead_letter(ctx, jobs.SLA_CHECK, [task_id, round_], exc)
+        return "unavailable"
+    return outcome
+
+
 async def auto_assign(ctx: dict[str, Any]) -> dict[str, Any]:
     """A follow-up for every person in Twenty without an open one, through the batch endpoints."""
     res, twenty = _resources(ctx)
@@ -134,6 +142,10 @@ async def sync_backlog(ctx: dict[str, Any]) -> dict[str, Any]:
         except TwentyError as exc:  # the leads are synced; their follow-ups are resumed later (auto-assign)
             log.warning("sync.follow_ups_deferred people=%d error=%s", len(people), exc)
 
+    async with res.db.acquire() as conn:
+        due = await store.resumable_follow_ups(conn)
+    for person_id in due:  # waited for an available member, or left pending: try again (same ids, no duplicate)
+        await jobs.enqueue_follow_up(res.redis, person_id)
     if await res.redis.set("reactor:load:members-fresh", 1, nx=True, ex=MEMBERS_REFRESH_S):
         with contextlib.suppress(TwentyError):  # new or removed members become pickable within this period
             await assignees.refresh_members(twenty, res.cache, res.settings)
@@ -167,6 +179,23 @@ async def _sweep_ticker(res: Resources) -> None:
         with contextlib.suppress(Exception):  # Redis down: the next tick tries again
             await jobs.enqueue(res.redis, jobs.SYNC_BACKLOG, job_id=f"sweep:{slot}")
         await asyncio.sleep((slot + 1) * period - time.time() + random.uniform(0, 0.5))
+
+
+async def _check_routing_config(res: Resources) -> str | None:
+    """Every member email the routing settings name must be a workspace member (when Twenty can be asked)."""
+    named = res.settings.routing_emails()
+    if not named or res.twenty is None:
+        return None
+    try:
+        members = await res.twenty.list_workspace_members()
+    except TwentyError as exc:
+        log.warning("worker.routing_unchecked error=%s (Twenty unreachable; checked again at the next start)", exc)
+        return None
+    unknown = named - {(m.user_email or "").lower() for m in members}
+    if unknown:
+        return ("ASSIGNEE_EMAILS, ASSIGNEE_WEIGHTS, FALLBACK_ASSIGNEE_EMAIL: not workspace members: "
+                + ", ".join(sorted(unknown)))  # fmt: skip
+    return None
 
 
 def _cron_jobs(settings: Settings) -> list[CronJob]:
@@ -228,6 +257,12 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
                 timeout=3600,
             ),
             func(
+                metrics.instrumented(jobs.SLA_CHECK)(sla_check),
+                name=jobs.SLA_CHECK,
+                keep_result=BACKLOG_KEEP_RESULT_S,
+                max_tries=settings.sync_max_tries,
+            ),
+            func(
                 metrics.instrumented(jobs.RECONCILE)(reconcile),
                 name=jobs.RECONCILE,
                 keep_result=BACKLOG_KEEP_RESULT_S,
@@ -251,10 +286,13 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
     )
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings) -> int:
     if settings.worker_metrics_port:
         prometheus_client.start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
     async with open_resources(settings) as res:
+        if problem := await _check_routing_config(res):
+            print(f"reactor: invalid configuration:\n  {problem}", file=sys.stderr)
+            return 2
         worker = build_worker(res)
         # On SIGTERM arq gives the jobs in flight JOB_COMPLETION_WAIT_S to finish; the rest are cancelled and
         # run again later (their leads are leased, never lost). Cancellation is how arq stops: not an error.
@@ -263,3 +301,4 @@ async def run(settings: Settings) -> None:
                 await worker.async_run()
             finally:
                 await worker.close()
+    return 0

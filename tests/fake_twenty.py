@@ -33,6 +33,7 @@ class FakeTwenty:
     reject_tasks: bool = False  # task creation answers 400
     task_target_field: str = "targetPersonId"  # "personId" plays a server from before 1.17
     on_task_page: Callable[[int], None] | None = None  # called as each page of tasks is served
+    _clock: int = 0
 
     def install(self, router: respx.MockRouter) -> None:
         self.router = router  # tests add their own routes (the LLM) to it
@@ -44,6 +45,7 @@ class FakeTwenty:
         router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks(\?.*)?$").mock(side_effect=self._list_tasks)
         router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks/groupBy").mock(side_effect=self._group_tasks)
         router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks/[^/?]+").mock(side_effect=self._get_task)
+        router.patch(url__regex=rf"{re.escape(BASE_URL)}/tasks/[^/?]+").mock(side_effect=self._update_task)
         router.post(url__regex=rf"{re.escape(BASE_URL)}/(batch/)?taskTargets").mock(side_effect=self._create_targets)
         router.get(f"{BASE_URL}/workspaceMembers").mock(side_effect=self._members)
         router.get(f"{BASE_URL}/metadata/objects").mock(side_effect=self._metadata)
@@ -106,6 +108,20 @@ class FakeTwenty:
         counts = Counter(t["assigneeId"] for t in self._open_tasks(request.url.params.get("filter", "")))
         return httpx.Response(200, json=[{"groupByDimensionValues": [a], "totalCount": str(n)}
                                          for a, n in counts.items()])  # fmt: skip
+
+    def _update_task(self, request: httpx.Request) -> httpx.Response:
+        self.calls["update_task"] += 1
+        task = self.tasks.get(request.url.path.rsplit("/", 1)[-1])
+        if task is None:
+            return _error(404, "Record not found")
+        task.update(json.loads(request.content))
+        self.touch(task["id"])
+        return httpx.Response(200, json={"data": {"updateTask": task}})
+
+    def touch(self, task_id: str) -> None:
+        """A later updatedAt, as any write gives a task."""
+        self._clock += 1
+        self.tasks[task_id]["updatedAt"] = f"2026-11-24T13:{self._clock // 60 % 60:02d}:{self._clock % 60:02d}.000Z"
 
     def _get_task(self, request: httpx.Request) -> httpx.Response:
         self.calls["get_task"] += 1

@@ -95,7 +95,8 @@ async def stack(database_url: str, db: asyncpg.Pool, tmp_path: Path) -> AsyncIte
     sim_url, web_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{web_port}"
     env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "LEAD_API_KEYS": f"e2e:{API_KEY}", "TWENTY_REST_URL": f"{sim_url}/rest", "TWENTY_REST_TOKEN": TOKEN,
-           "SYNC_SWEEP_S": "1", "SYNC_RETRY_BASE_S": "0.2", "SYNC_MAX_TRIES": "20", "TWENTY_RATE_LIMIT": "100000",
+           "SYNC_SWEEP_S": "1", "SYNC_RETRY_BASE_S": "0.2", "SYNC_LEASE_S": "5", "SYNC_MAX_TRIES": "20",
+           "TWENTY_RATE_LIMIT": "100000",
            "LOG_LEVEL": "INFO", "DB_POOL_SIZE": "10"}  # fmt: skip
     stack = Stack(web_url, sim_url, env, tmp_path, {}, redis_port)
     try:
@@ -141,15 +142,22 @@ async def sim_state(stack: Stack) -> dict[str, Any]:
     return state
 
 
-async def until(check: Any, stack: Stack, timeout_s: float = 60) -> None:
+async def until(check: Any, stack: Stack, timeout_s: float = 60, db: asyncpg.Pool | None = None) -> None:
     for _ in range(int(timeout_s * 4)):
         if await check():
             return
         await asyncio.sleep(0.25)
-    raise AssertionError(f"not reached within {timeout_s}s\n{stack.tail()}")
+    state = ""
+    if db is not None:
+        leads = await db.fetch("SELECT crm_synced, suppressed, count(*) FROM leads GROUP BY 1, 2")
+        rows = await db.fetch("SELECT state, wait_until IS NOT NULL AS waiting, count(*) FROM follow_ups GROUP BY 1, 2")
+        state = f"leads {[tuple(r) for r in leads]} follow_ups {[tuple(r) for r in rows]}"
+    raise AssertionError(f"not reached within {timeout_s}s: {state}\n{stack.tail()}")
 
 
-async def assert_invariants(stack: Stack, db: asyncpg.Pool, lead_ids: set[str], distinct: int) -> None:
+async def assert_invariants(
+    stack: Stack, db: asyncpg.Pool, lead_ids: set[str], distinct: int, *, balance: int = 1
+) -> None:
     state = await sim_state(stack)
     people = [p for p in state["people"] if p["deletedAt"] is None]
     assert len(people) == distinct, "each distinct person synced exactly once"
@@ -162,11 +170,16 @@ async def assert_invariants(stack: Stack, db: asyncpg.Pool, lead_ids: set[str], 
     assert by_person == dict.fromkeys((p["id"] for p in people), 1), "one open follow-up per person"
     loads = Counter(t["assigneeId"] for t in open_tasks)
     counts = [loads.get(member, 0) for member in state["members"]]
-    assert max(counts) - min(counts) <= 1, f"loads differ by more than one: {counts}"
+    assert max(counts) - min(counts) <= balance, f"loads differ by more than {balance}: {counts}"
     check = await anyio.run_process([sys.executable, "-m", "reactor", "reconcile", "--check", "--json"],
                                     env=stack.env, cwd=ROOT, check=False)  # fmt: skip
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()  # the cache equals the truth
     assert json.loads(check.stdout)["drift"] == {}
+
+
+async def all_synced(db: asyncpg.Pool, lead_ids: set[str]) -> bool:
+    synced = await db.fetchval("SELECT count(*) FROM leads WHERE crm_synced AND lead_id = ANY($1)", list(lead_ids))
+    return bool(synced == len(lead_ids))
 
 
 async def settled(stack: Stack, db: asyncpg.Pool, lead_ids: set[str]) -> bool:
@@ -205,10 +218,12 @@ async def test_faults_then_reconcile_leave_the_same_invariants(stack: Stack, db:
     assert state["calls"].get("5xx", 0) > 0
 
     lead_ids = first | second
-    await until(lambda: settled(stack, db, lead_ids), stack, timeout_s=90)  # the sweep catches up
+    await until(lambda: all_synced(db, lead_ids), stack, timeout_s=90, db=db)  # the sweep catches up
     reconcile = await anyio.run_process([sys.executable, "-m", "reactor", "reconcile", "--json"], env=stack.env,
                                         cwd=ROOT, check=False)  # fmt: skip
     assert reconcile.returncode == 0, reconcile.stderr.decode()
     await asyncio.sleep(1)
     distinct = len({lead["email"] for lead in leads_with_repeats(40, 10, seed=2)})
-    await assert_invariants(stack, db, lead_ids, distinct)
+    # Loads within 2, not 1: Redis killed while a follow-up is being created loses that task's reservation, and the
+    # picks made before its creation lands do not see it. Reconcile makes the cache true; it does not move tasks.
+    await assert_invariants(stack, db, lead_ids, distinct, balance=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 from collections import Counter
@@ -56,7 +57,7 @@ async def res(twenty_settings: Settings, db: asyncpg.Pool, redis: Redis) -> Asyn
 def deps_of(res: Resources, **settings: object) -> FollowUpDeps:
     deps = res.follow_up_deps()
     if settings:
-        deps = FollowUpDeps(deps.db, deps.twenty, deps.cache, deps.llm_http, deps.settings.model_copy(update=settings))
+        deps = dataclasses.replace(deps, settings=deps.settings.model_copy(update=settings))
     return deps
 
 
@@ -150,10 +151,15 @@ async def test_twenty_unavailable_keeps_the_slot_for_the_retry(
     fake.fail_next = [unavailable(503)]
     with pytest.raises(Exception, match="503"):
         await followups.create_follow_up(deps_of(res), person_id)
-    assert await res.cache.loads() == {}
-    row = await db.fetchrow("SELECT state, last_error FROM follow_ups")
+    [reserved] = (await res.cache.loads()).items()  # the reservation waits for the retry, for the same member
+    row = await db.fetchrow("SELECT state, last_error, task_id, created_at FROM follow_ups")
     assert row["state"] == "pending"
     assert "503" in row["last_error"]
+
+    await db.execute("UPDATE follow_ups SET created_at = now() - interval '1 hour'")  # the retry comes later
+    retried = await followups.create_follow_up(deps_of(res), person_id)
+    assert (retried.status, retried.task_id, retried.assignee_id) == ("created", row["task_id"], reserved[0])
+    assert await res.cache.loads() == {reserved[0]: 1}  # counted once
 
 
 async def test_the_llm_writes_the_body_when_enabled(res: Resources, fake: FakeTwenty) -> None:

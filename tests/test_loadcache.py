@@ -61,7 +61,16 @@ async def test_weights_divide_the_load(cache: LoadCache) -> None:
 
 async def test_no_eligible_member_is_none(cache: LoadCache) -> None:
     await cache.set_members({})
-    assert await cache.pick("r") is None
+    assert (await cache.pick("r")).member_id is None
+
+
+async def test_capped_members_are_skipped(cache: LoadCache) -> None:
+    await cache.apply(task("t1", "m1"))
+    await cache.apply(task("t2", "m1"))
+    pick = await cache.pick("r1", {"m1": (1.0, 2), "m2": (1.0, 1)})
+    assert (pick.member_id, pick.rule) == ("m2", "lowest_weighted_load")
+    full = await cache.pick("r2", {"m1": (1.0, 2), "m2": (1.0, 1)})  # m1 at its cap of 2, m2 now at 1
+    assert (full.member_id, full.rule, full.loads_seen) == (None, "all_capped", {"m1": 2, "m2": 1})
 
 
 async def test_duplicate_and_late_events_change_nothing(cache: LoadCache) -> None:
@@ -138,3 +147,10 @@ async def test_a_compare_only_rebuild_changes_nothing(cache: LoadCache) -> None:
     assert rebuilt.drift == {"m1": (1, 0), "m2": (0, 1)}
     assert await cache.loads() == {"m1": 1}
     assert not await cache.is_built()
+
+
+async def test_a_confirmation_without_its_reservation_still_counts_the_task(cache: LoadCache) -> None:
+    await cache.confirm("lost-reservation", 5000, "m2")  # Redis restarted between the pick and the confirm
+    await cache.apply(task("lost-reservation", "m2", version=5000))  # its webhook: already counted
+    await cache.confirm("lost-reservation", 5000, "m2")  # a retry: still once
+    assert await cache.loads() == {"m2": 1}

@@ -174,6 +174,8 @@ async def seed_dashboard(api: httpx.AsyncClient, redis: Redis) -> None:
     for i in range(3):
         await cache.apply(TaskState(f"t{i}", "m-ann", "TODO", 1))
     await api.post("/leads", json={"first_name": "Grace", "last_name": "Hopper", "email": "grace@example.com"})
+    marked = await api.put("/members/m-bob/availability", json={"away": True})
+    assert marked.status_code == 200, marked.text
 
 
 async def test_the_dashboard_needs_a_key_and_shows_the_state(api: httpx.AsyncClient, redis: Redis) -> None:
@@ -186,7 +188,8 @@ async def test_the_dashboard_needs_a_key_and_shows_the_state(api: httpx.AsyncCli
     assert page.status_code == 200
     html = page.text
     assert "Ann Lee" in html
-    assert "Bob Ray" in html
+    assert "Bob Ray · away" in html  # availability shows beside the load
+    assert "Recent assignments" in html
     assert "Grace Hopper" in html
     assert "g***@e***.com" in html  # masked
     assert "grace@example.com" not in html

@@ -9,6 +9,7 @@ signed with a source's key, which is swapped at once for an HttpOnly cookie. Ema
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from reactor import logs, metrics, store
+from reactor import logs, metrics, routing, store
 from reactor.api.auth import authenticate
 from reactor.errors import Unauthenticated
 from reactor.resources import Resources
@@ -103,7 +104,11 @@ async def _gather(res: Resources) -> dict[str, Any]:
         failed_count = await store.count_failed_jobs(conn)
         unsynced = await store.count_unsynced(conn)
     last = await res.redis.get(metrics.LAST_RECONCILE_KEY)
+    now = dt.datetime.now(dt.UTC)
+    availability = await routing.read_availability(res.db)
     return {
+        "away": {m: reason for m, rules in availability.items() if (reason := rules.unavailable(now))},
+        "decisions": await routing.recent_decisions(res.db, person_id=None, limit=8),
         "loads": {m: loads.get(m, 0) for m in sorted(members.keys() | loads.keys())},
         "names": await res.cache.names(),
         "leads": leads,
@@ -115,19 +120,26 @@ async def _gather(res: Resources) -> dict[str, Any]:
     }
 
 
-def _bars(loads: dict[str, int], names: dict[str, str]) -> str:
+def _bars(loads: dict[str, int], names: dict[str, str], away: dict[str, str]) -> str:
     if not loads:
         return '<p class="muted">No members yet: the worker reads them from Twenty when it starts.</p>'
     top = max(max(loads.values()), 1)
     rows = []
     for i, (member, load) in enumerate(sorted(loads.items(), key=lambda kv: (-kv[1], kv[0]))):
-        width = 4 + 216 * load / top
-        label = escape(names.get(member, member[:8]))
+        width = 4 + 176 * load / top
+        label = escape(names.get(member, member[:8])) + (f" · {escape(away[member])}" if member in away else "")
         rows.append(f'<text x="0" y="{i * 28 + 17}" font-size="13">{label}</text>'
-                    f'<rect x="120" y="{i * 28 + 4}" width="{width:.0f}" height="18" rx="3" fill="#4f6bed"/>'
-                    f'<text x="{126 + width:.0f}" y="{i * 28 + 17}" font-size="13">{load}</text>')  # fmt: skip
+                    f'<rect x="160" y="{i * 28 + 4}" width="{width:.0f}" height="18" rx="3" fill="#4f6bed"/>'
+                    f'<text x="{166 + width:.0f}" y="{i * 28 + 17}" font-size="13">{load}</text>')  # fmt: skip
     return (f'<svg role="img" aria-label="open tasks per member" width="100%" '
             f'viewBox="0 0 380 {len(loads) * 28}">{"".join(rows)}</svg>')  # fmt: skip
+
+
+def _decisions(decisions: list[dict[str, Any]], names: dict[str, str]) -> str:
+    rows = [f"<tr><td>{escape(names.get(d['chosen_member'] or '', d['chosen_member'] or 'nobody'))}</td>"
+            f"<td>{escape(d['rule'])}</td><td class='muted'>{escape(d['decided_at'][11:19])}</td></tr>"
+            for d in decisions]  # fmt: skip
+    return "".join(rows) or '<tr><td class="muted">No assignments yet.</td></tr>'
 
 
 def _lead_rows(leads: list[Any], names: dict[str, str], pii: bool) -> str:
@@ -165,13 +177,14 @@ def _page(data: dict[str, Any], *, pii: bool) -> str:
 <meta name="viewport" content="width=device-width,initial-scale=1"><title>reactor</title><style>{STYLE}</style></head>
 <body><h1>reactor</h1>
 <div class="grid">
-<section class="card"><h2>Open tasks per member</h2>{_bars(data["loads"], data["names"])}</section>
+<section class="card"><h2>Open tasks per member</h2>{_bars(data["loads"], data["names"], data["away"])}</section>
 <section class="card"><h2>Work waiting</h2>
 <p><span class="num" id="queue">{data["queue"]}</span> jobs queued ·
 <span class="num" id="unsynced">{data["unsynced"]}</span> leads unsynced ·
 <span class="num {"bad" if data["failed_count"] else ""}" id="failed">{data["failed_count"]}</span> dead letters</p>
 <table>{failed}</table></section>
 <section class="card"><h2>Last reconcile</h2>{reconcile}</section>
+<section class="card"><h2>Recent assignments</h2><table>{_decisions(data["decisions"], data["names"])}</table></section>
 </div>
 <section class="card" style="margin-top:16px"><h2>Latest leads</h2>
 <table><tr><th>Name</th><th>Email</th><th>Sync</th><th>Follow-up</th><th>Received</th></tr>
