@@ -87,9 +87,12 @@ def full_name(person: Person) -> str:
     return name or person.email or "new lead"
 
 
-async def create_follow_up(deps: FollowUpDeps, person_id: str, *, person: Person | None = None) -> Outcome:
+async def create_follow_up(
+    deps: FollowUpDeps, person_id: str, *, person: Person | None = None, resume: bool = False
+) -> Outcome:
     """The person's follow-up: created, or `exists` when an open one is already there (a returning lead whose
-    last follow-up is done gets a new one). Raises TwentyUnavailable for the job to retry."""
+    last follow-up is done gets a new one). `resume`: finish a pending one however young (reconcile).
+    Raises TwentyUnavailable for the job to retry."""
     for _ in range(2):
         task_id, target_id = str(uuid.uuid4()), str(uuid.uuid4())
         async with deps.db.acquire() as conn:
@@ -107,7 +110,7 @@ async def create_follow_up(deps: FollowUpDeps, person_id: str, *, person: Person
             # A pending slot is another attempt in progress, unless it is old (its worker died) or its attempt
             # failed (last_error): then resuming it, with the same ids and the same reservation, is safe.
             young = (now - current["created_at"]).total_seconds() < store.STALE_PENDING_S
-            if waiting is None and young and current["last_error"] is None:
+            if waiting is None and young and current["last_error"] is None and not resume:
                 return Outcome(person_id, "exists", task_id=current["task_id"])
             log.info("followup.resume person=%s task=%s (left pending)", person_id, current["task_id"])
             return await _create(deps, dict(current), person)

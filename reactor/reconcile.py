@@ -133,14 +133,14 @@ async def run(res: Resources, run_id: str, *, dry_run: bool = False, progress: P
     await step("follow_ups", 0)
     async with res.db.acquire() as conn:
         covered = await store.people_with_follow_ups(conn)
-        stale = await store.stale_pending_follow_ups(conn)
+        stale = await store.stale_pending_follow_ups(conn, older_than_s=0)  # every one left pending
     people = [person async for person in twenty.list_people() if person.id not in covered]
     report.people_without_follow_up = len(people) + len(stale)
     await step("follow_ups", 0, report.people_without_follow_up)
     if not dry_run:
         created = await followups.create_follow_ups(deps, people)
         for person_id in stale:
-            resumed = await followups.create_follow_up(deps, person_id)
+            resumed = await followups.create_follow_up(deps, person_id, resume=True)
             (created.created if resumed.status == "created" else created.failed).append(resumed)
         report.follow_ups_created, report.follow_ups_failed = len(created.created), len(created.failed)
         await step("follow_ups", report.people_without_follow_up, report.people_without_follow_up)

@@ -326,7 +326,7 @@ async def take_failed_jobs(conn: Conn, *, job_name: str | None, failed_id: int |
 
 # -- follow-ups ------------------------------------------------------------------------------------------
 
-STALE_PENDING_S = 600  # a pending follow-up this old was left by a worker that died; it may be resumed
+STALE_PENDING_S = 120  # a pending follow-up this old was left by a worker that died (attempts take seconds)
 
 
 async def begin_follow_up(conn: Conn, person_id: str, *, task_id: str, target_id: str) -> asyncpg.Record | None:
@@ -405,11 +405,13 @@ async def note_follow_up_error(conn: Conn, task_id: str, error: str) -> None:
     await conn.execute("UPDATE follow_ups SET last_error = $2 WHERE task_id = $1", task_id, error)
 
 
-async def stale_pending_follow_ups(conn: Conn) -> list[str]:
-    """People whose follow-up was left pending by a worker that died (or by an outage): to be resumed."""
+async def stale_pending_follow_ups(conn: Conn, *, older_than_s: float = STALE_PENDING_S) -> list[str]:
+    """People whose follow-up was left pending (a worker that died, an outage, a lost job) and is not waiting for
+    an available member: to be resumed. Resuming is idempotent (same ids), so a young one may be too."""
     rows = await conn.fetch(
-        "SELECT person_id FROM follow_ups WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)",
-        float(STALE_PENDING_S),
+        """SELECT person_id FROM follow_ups WHERE state = 'pending' AND (wait_until IS NULL OR wait_until <= now())
+           AND created_at <= now() - make_interval(secs => $1)""",
+        float(older_than_s),
     )
     return [row["person_id"] for row in rows]
 
