@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from starlette.routing import Route
 
 from reactor.app import create_app
 from reactor.devstack import free_port
@@ -31,13 +32,19 @@ async def test_readyz_is_503_when_redis_is_unreachable(settings: Settings) -> No
     assert response.json()["checks"] == {"postgres": "ok", "redis": "unavailable"}
 
 
-async def test_openapi_is_generated_from_the_models(client: httpx.AsyncClient) -> None:
+async def test_openapi_is_generated_from_the_models(client: httpx.AsyncClient, settings: Settings) -> None:
     spec = (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.")
     assert set(spec["paths"]) >= {"/leads", "/leads/search", "/leads/{lead_id}", "/healthz", "/readyz"}
     lead_in = spec["components"]["schemas"]["LeadIn"]
     assert {"email", "phone", "lead_id", "address", "current_credit"} <= set(lead_in["properties"])
     assert "Lead" in spec["components"]["schemas"]
+    # Every route the app serves is documented.
+    served = {route.path for route in create_app(settings).routes if isinstance(route, Route)}
+    documented = set(spec["paths"]) | {"/openapi.json", "/docs"}
+    assert served <= documented, served - documented
+    availability = spec["components"]["schemas"]["Availability"]
+    assert {"away", "away_until", "working_hours", "max_open_tasks"} <= set(availability["properties"])
     # Every $ref points at a schema that exists.
     refs = {r.split("/")[-1] for r in _refs(spec)}
     assert refs <= set(spec["components"]["schemas"])

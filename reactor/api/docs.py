@@ -14,6 +14,7 @@ from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from reactor.models import LeadAccepted, LeadIn, LeadList, LeadPage
+from reactor.routing import Availability
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -53,7 +54,8 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "serialization") for m in (LeadAccepted, LeadPage, LeadList)] + [(LeadIn, "validation")],
+        [(m, "serialization") for m in (LeadAccepted, LeadPage, LeadList)]
+        + [(LeadIn, "validation"), (Availability, "validation")],
         ref_template="#/components/schemas/{model}",
     )
     schemas = defs.get("$defs", {})
@@ -121,6 +123,7 @@ def build_openapi() -> dict[str, Any]:
                     },
                 }
             },
+            **_operations_paths(),
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "up"}}}},
             "/readyz": {
                 "get": {
@@ -130,6 +133,52 @@ def build_openapi() -> dict[str, Any]:
             },
         },
     }
+
+
+def _op(summary: str, *errors: int, ok: str = "200", params: list[dict[str, Any]] | None = None,
+        body: dict[str, Any] | None = None, security: bool = True) -> dict[str, Any]:  # fmt: skip
+    operation: dict[str, Any] = {"summary": summary, "responses": {ok: {"description": "done"}, **_errors(*errors)}}
+    if security:
+        operation["security"] = KEY_SECURITY
+    if params:
+        operation["parameters"] = params
+    if body:
+        operation["requestBody"] = {"required": True, "content": _content(body)}
+    return operation
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _operations_paths() -> dict[str, Any]:
+    """The routes beyond lead intake: jobs, webhooks, reconciliation, routing, metrics, the dashboard."""
+    availability = _ref(Availability)
+    return {
+        "/webhooks/twenty": {"post": _op(
+            "Twenty's webhook deliveries, signed (X-Twenty-Webhook-Signature, -Timestamp, -Nonce); 200 for a "
+            "duplicate", 400, 401, 503, ok="202", security=False)},
+        "/sync-crm": {"post": _op("Sync every unsynced lead now (a backlog job)", 401, ok="202")},
+        "/tasks/auto-assign": {"post": _op("A follow-up for every person in Twenty without one (a job)", 401,
+                                           ok="202")},
+        "/jobs/failed": {"get": _op("Dead letters: jobs that failed for good", 401, 422)},
+        "/jobs/{job_id}": {"get": _op("A job's status and result", 401, 404, params=[_path("job_id")])},
+        "/reconcile": {"post": _op("Start a reconcile (200 with the running one's id if one runs)", 401, 422,
+                                   ok="202", params=[_query("dry_run", "report only", {"type": "boolean"})])},
+        "/reconcile/{job_id}": {"get": _op("A reconcile's status, progress and summary", 401, 404,
+                                           params=[_path("job_id")])},
+        "/members": {"get": _op("Workspace members with load, weight, cap and availability", 401)},
+        "/members/{member_id}/availability": {
+            "get": _op("A member's availability", 401, 404, params=[_path("member_id")]),
+            "put": _op("Set a member's availability (away, working hours, cap)", 401, 404, 422,
+                       params=[_path("member_id")], body=availability),
+        },
+        "/assignments": {"get": _op("Assignment decisions, newest first, with every candidate", 401, 422, params=[
+            _query("person_id", "only this person's", {"type": "string"}),
+            _query("limit", "at most 500", {"type": "integer", "minimum": 1, "maximum": 500})])},
+        "/metrics": {"get": _op("Prometheus metrics", security=False)},
+        "/": {"get": _op("The dashboard (HTML); also a sign-in link's ?token=", 401)},
+    }  # fmt: skip
 
 
 DOCS_PAGE = """<!doctype html>
