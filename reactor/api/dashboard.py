@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from reactor import logs, metrics, routing, store
+from reactor import assignees, logs, metrics, routing, store
 from reactor.api.auth import authenticate
 from reactor.errors import Unauthenticated
 from reactor.resources import Resources
@@ -97,7 +97,7 @@ async def dashboard(request: Request) -> Response:
 
 async def _gather(res: Resources) -> dict[str, Any]:
     members = await res.cache.members()
-    loads = await res.cache.loads()
+    loads = await assignees.member_loads(res.db, res.cache, res.settings)
     async with res.db.acquire() as conn:
         leads = await store.latest_leads(conn, limit=LATEST)
         failed = await store.list_failed_jobs(conn, limit=5)

@@ -62,7 +62,7 @@ async def twenty_webhook(request: Request) -> JSONResponse:
         metrics.WEBHOOKS.labels(event.name, "duplicate").inc()
         return JSONResponse({"status": "duplicate", "event_id": event.event_id})
     try:
-        outcome = await events.handle(event, db=res.db, cache=res.cache, queue=res.redis)
+        outcome = await events.handle(event, db=res.db, cache=res.cache)
     except RedisError as exc:
         await _forget(res, event_key)  # not processed: a re-send (or reconcile) may still apply it
         raise ServiceUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
