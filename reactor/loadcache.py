@@ -267,11 +267,13 @@ class LoadCache:
         raw: dict[bytes, bytes] = await self._redis.hgetall(self.key("emails"))  # type: ignore[misc]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    async def set_members(self, weights: Mapping[str, float], names: Mapping[str, str],
-                          emails: Mapping[str, str]) -> None:  # fmt: skip
-        """Replace the eligible members (id -> weight), their names and emails, atomically."""
+    async def set_members(self, weights: Mapping[str, float], names: Mapping[str, str] | None = None,
+                          emails: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """Replace the eligible members (id -> weight), and their names and emails when given, atomically."""
         async with self._redis.pipeline(transaction=True) as pipe:
             for name, mapping in (("members", weights), ("names", names), ("emails", emails)):
+                if mapping is None:
+                    continue
                 pipe.delete(self.key(name))
                 if mapping:
                     pipe.hset(self.key(name), mapping=dict(mapping))

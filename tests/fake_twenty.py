@@ -146,8 +146,15 @@ class FakeTwenty:
         return httpx.Response(200, json=self.webhooks)
 
     def add_webhook(self, created_at: str) -> None:
-        self.webhooks.append({"id": str(uuid.uuid4()), "targetUrl": "http://reactor.test/webhooks/twenty",
-                              "operations": ["person.created", "task.*"], "secret": "s", "createdAt": created_at})
+        self.webhooks.append(
+            {
+                "id": str(uuid.uuid4()),
+                "targetUrl": "http://reactor.test/webhooks/twenty",
+                "operations": ["person.created", "task.*"],
+                "secret": "s",
+                "createdAt": created_at,
+            }
+        )
 
     def _get_task(self, request: httpx.Request) -> httpx.Response:
         self.calls["get_task"] += 1
@@ -183,7 +190,13 @@ class FakeTwenty:
         return httpx.Response(200, json={"data": {"objects": [{"nameSingular": "taskTarget", "fields": fields}]}})
 
     def add_person(
-        self, email: str, *, deleted: bool = False, phone: str | None = None, first: str = "", last: str = "",
+        self,
+        email: str,
+        *,
+        deleted: bool = False,
+        phone: str | None = None,
+        first: str = "",
+        last: str = "",
         created_at: str = "2026-11-01T00:00:00.000Z",
     ) -> str:
         person_id = str(uuid.uuid4())

@@ -270,7 +270,9 @@ async def test_a_refused_record_is_found_by_splitting_and_the_rest_go_through(
     assert await db.fetchval("SELECT count(*) FROM failed_jobs WHERE job_name = 'create_follow_up'") == 1
 
 
-async def test_a_link_refused_for_good_leaves_no_orphan_task(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:
+async def test_a_link_refused_for_good_leaves_no_orphan_task(
+    res: Resources, fake: FakeTwenty, db: asyncpg.Pool
+) -> None:
     person_id = fake.add_person("orphan@example.com", first="Orphan")
     await owe(res, fake, person_id)
     fake.task_target_field = "somethingElse"  # every link is refused
