@@ -213,7 +213,8 @@ async def test_a_resume_keeps_its_assignee_and_its_task_id(res: Resources, fake:
     row = await db.fetchrow("SELECT * FROM follow_ups")
     assert (row["state"], row["attempts"]) == ("pending", 1)
     reserved = row["assignee_id"]
-    assert reserved is not None and await loads(res) == {reserved: 1}  # the row is the reservation
+    assert reserved is not None
+    assert await loads(res) == {reserved: 1}
     for i in range(3):  # meanwhile the reserved member got busy elsewhere
         fake.add_task(f"busy{i}", reserved)
         await events.handle(task_event(fake.tasks[f"busy{i}"], "created"), db=res.db, cache=res.cache)
@@ -221,7 +222,8 @@ async def test_a_resume_keeps_its_assignee_and_its_task_id(res: Resources, fake:
     await drain.until_idle(res)
     after = await db.fetchrow("SELECT * FROM follow_ups")
     assert (after["state"], after["assignee_id"], after["task_id"]) == ("open", reserved, row["task_id"])
-    assert list(fake.tasks).count(row["task_id"]) == 1 and fake.tasks[row["task_id"]]["assigneeId"] == reserved
+    assert list(fake.tasks).count(row["task_id"]) == 1
+    assert fake.tasks[row["task_id"]]["assigneeId"] == reserved
 
 
 async def test_a_killed_loops_rows_are_taken_again_when_its_lease_runs_out(
@@ -234,7 +236,7 @@ async def test_a_killed_loops_rows_are_taken_again_when_its_lease_runs_out(
         assert len(taken) == 1
         assert await followup_store.claim(conn, limit=10, lease_s=30) == []  # leased
     with anyio.fail_after(10):
-        while not await db.fetchval("SELECT claimed_until < now() FROM follow_ups"):
+        while not await db.fetchval("SELECT claimed_until < now() FROM follow_ups"):  # noqa: ASYNC110 (a row, not an event)
             await asyncio.sleep(0.05)
     await drain.until_idle(res)
     assert await db.fetchval("SELECT state FROM follow_ups") == "open"
@@ -266,7 +268,8 @@ async def test_a_refused_record_is_found_by_splitting_and_the_rest_go_through(
     states = dict(await db.fetch("SELECT person_id, state FROM follow_ups"))
     assert states.pop(people[5]) == "failed"
     assert set(states.values()) == {"open"}
-    assert bad not in fake.tasks and len(fake.tasks) == 7
+    assert bad not in fake.tasks
+    assert len(fake.tasks) == 7
     assert await db.fetchval("SELECT count(*) FROM failed_jobs WHERE job_name = 'create_follow_up'") == 1
 
 
