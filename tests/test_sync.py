@@ -35,6 +35,7 @@ def twenty_settings(settings: Settings) -> Settings:
             "sync_retry_base_s": 0.01,
             "twenty_max_attempts": 2,
             "twenty_rate_limit": 100_000,
+            "twenty_batch_size": 60,  # small batches, so a backlog of 130 shows the chunking
         }
     )
 
