@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sys
 import time
 from typing import Any
 
@@ -20,8 +19,8 @@ from arq import Retry
 from arq.cron import CronJob, cron
 from arq.worker import Worker, func
 
-from reactor import assignees, deadletters, followups, jobs, logs, metrics, store, sync
-from reactor.resources import Resources, open_resources
+from reactor import assignees, deadletters, followups, jobs, logs, metrics, store, supervisor, sync
+from reactor.resources import Resources
 from reactor.settings import Settings
 from reactor.twenty import Person, TwentyClient, TwentyError, TwentyUnavailable
 
@@ -287,18 +286,9 @@ def build_worker(res: Resources, *, burst: bool = False, sweep: bool = True) -> 
 
 
 async def run(settings: Settings) -> int:
+    """The `reactor worker` process: runs until SIGTERM (0) or a configuration error (2), through outages."""
     if settings.worker_metrics_port:
         prometheus_client.start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
-    async with open_resources(settings) as res:
-        if problem := await _check_routing_config(res):
-            print(f"reactor: invalid configuration:\n  {problem}", file=sys.stderr)
-            return 2
-        worker = build_worker(res)
-        # On SIGTERM arq gives the jobs in flight JOB_COMPLETION_WAIT_S to finish; the rest are cancelled and
-        # run again later (their leads are leased, never lost). Cancellation is how arq stops: not an error.
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await worker.async_run()
-            finally:
-                await worker.close()
-    return 0
+    # On SIGTERM arq gives the jobs in flight JOB_COMPLETION_WAIT_S to finish; the rest are cancelled and run again
+    # later (their leads are leased, never lost).
+    return await supervisor.supervise(settings, build_worker, _check_routing_config)
