@@ -29,6 +29,16 @@ _PERSONAL_ROUTES = ("/leads", "/assignments")
 _HARMLESS_PARAMS = frozenset({"limit", "cursor"})
 
 
+def _decoded(name: str) -> str:
+    """Percent-decoded until it stops changing (bounded): `%2574oken` is `%74oken` is `token`."""
+    for _ in range(4):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name
+
+
 def _query_masker(personal: bool) -> Callable[[re.Match[str]], str]:
     def masked(match: re.Match[str]) -> str:
         path, query = match.group(1), match.group(2)
@@ -36,7 +46,7 @@ def _query_masker(personal: bool) -> Callable[[re.Match[str]], str]:
         parts = []
         for part in query.split("&"):
             raw_name, eq, value = part.partition("=")
-            name = unquote_plus(raw_name).strip().lower()
+            name = _decoded(raw_name).strip().lower()
             if value and (name in SECRET_PARAMS or (on_person and name not in _HARMLESS_PARAMS)):
                 value = "***"
             parts.append(f"{raw_name}{eq}{value}")

@@ -18,6 +18,8 @@ HEAD_TIMEOUT_S = 10.0
 
 
 class H11WithHeadDeadline(H11Protocol):
+    head_timeout_s = HEAD_TIMEOUT_S
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._await_head()
@@ -33,7 +35,7 @@ class H11WithHeadDeadline(H11Protocol):
             if self.cycle is waiting_after and not self.transport.is_closing():
                 self.transport.close()
 
-        self.loop.call_later(HEAD_TIMEOUT_S, give_up)
+        self.loop.call_later(self.head_timeout_s, give_up)
 
 
 SERVER_LIMITS: dict[str, Any] = {
