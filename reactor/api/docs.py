@@ -21,6 +21,11 @@ ERROR_SCHEMA = {
     "properties": {"error": {"type": "string"}, "detail": {}},
     "required": ["error", "detail"],
 }
+READY_SCHEMA = {
+    "type": "object",
+    "properties": {"status": {"enum": ["ready", "not_ready"]}, "checks": {"type": "object"}},
+    "required": ["status", "checks"],
+}
 KEY_SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
 
 
@@ -34,18 +39,41 @@ def _content(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
-        400: "malformed JSON",
-        401: "missing or invalid API key",
+        400: "malformed JSON, or an event of the wrong shape",
+        401: "missing or invalid API key (or webhook signature)",
         404: "not found",
-        413: "body over 64 KiB",
+        408: "the body did not arrive in time (10 s)",
+        413: "body over its limit (64 KiB; webhooks 512 KiB)",
         415: "not application/json",
-        422: "invalid input: every bad field listed",
-        503: "not ready",
+        422: "invalid input: every bad field listed (a NUL anywhere in the URL included)",
+        503: "PostgreSQL or Redis unavailable, or no answer within 30 s: retry after Retry-After seconds",
     }
-    return {
-        str(s): {"description": reasons[s], "content": _content({"$ref": "#/components/schemas/Error"})}
-        for s in statuses
-    }
+    return {str(s): _error(reasons[s], s) for s in statuses}
+
+
+def _error(description: str, status: int) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description, "content": _content({"$ref": "#/components/schemas/Error"})}
+    if status == 503:
+        answer["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+    return answer
+
+
+# What the edge can answer whatever the route (reactor.app.Guard, reactor.api.inputs), added to every operation so
+# the document lists every status each route can give.
+_ANY_ROUTE = (422, 503)
+_READS_A_BODY = (400, 408, 413, 415, 422)
+
+
+def _every_status(paths: dict[str, Any]) -> dict[str, Any]:
+    for path, operations in paths.items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            statuses: tuple[int, ...] = (422,) if path == "/healthz" else _ANY_ROUTE
+            if "requestBody" in operation:
+                statuses += _READS_A_BODY
+            for status in statuses:
+                responses.setdefault(str(status), _errors(status)[str(status)])
+    return paths
 
 
 def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -69,69 +97,80 @@ def build_openapi() -> dict[str, Any]:
             "securitySchemes": {
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic"},
             },
         },
-        "paths": {
-            "/leads": {
-                "post": {
-                    "summary": "Submit a lead (deduplicated by email, then phone, then lead_id)",
-                    "security": KEY_SECURITY,
-                    "requestBody": {"required": True, "content": _content(_ref(LeadIn))},
-                    "responses": {
-                        "201": {"description": "a new lead", "content": _content(_ref(LeadAccepted))},
-                        "200": {"description": "an existing lead", "content": _content(_ref(LeadAccepted))},
-                        **_errors(400, 401, 413, 415, 422),
+        "paths": _every_status(
+            {
+                "/leads": {
+                    "post": {
+                        "summary": "Submit a lead (deduplicated by email, then phone, then lead_id)",
+                        "security": KEY_SECURITY,
+                        "requestBody": {"required": True, "content": _content(_ref(LeadIn))},
+                        "responses": {
+                            "201": {"description": "a new lead", "content": _content(_ref(LeadAccepted))},
+                            "200": {"description": "an existing lead", "content": _content(_ref(LeadAccepted))},
+                            **_errors(400, 401, 413, 415, 422),
+                        },
+                    },
+                    "get": {
+                        "summary": "Leads, newest first",
+                        "security": KEY_SECURITY,
+                        "parameters": [
+                            _query("limit", "page size", {"type": "integer", "minimum": 1, "maximum": 200}),
+                            _query("cursor", "next_cursor of the previous page", {"type": "string"}),
+                        ],
+                        "responses": {
+                            "200": {"description": "a page", "content": _content(_ref(LeadPage))},
+                            **_errors(401, 422),
+                        },
                     },
                 },
-                "get": {
-                    "summary": "Leads, newest first",
-                    "security": KEY_SECURITY,
-                    "parameters": [
-                        _query("limit", "page size", {"type": "integer", "minimum": 1, "maximum": 200}),
-                        _query("cursor", "next_cursor of the previous page", {"type": "string"}),
-                    ],
-                    "responses": {
-                        "200": {"description": "a page", "content": _content(_ref(LeadPage))},
-                        **_errors(401, 422),
-                    },
+                "/leads/search": {
+                    "get": {
+                        "summary": "Find leads by phone (normalised), email or name (first, last or full)",
+                        "security": KEY_SECURITY,
+                        "parameters": [
+                            _query("email", "", {"type": "string"}),
+                            _query("phone", "any format; matched as E.164", {"type": "string"}),
+                            _query("name", "case-insensitive", {"type": "string"}),
+                            _query("limit", "at most 50", {"type": "integer", "minimum": 1, "maximum": 50}),
+                        ],
+                        "responses": {
+                            "200": {"description": "matches, newest first", "content": _content(_ref(LeadList))},
+                            **_errors(401, 422),
+                        },
+                    }
                 },
-            },
-            "/leads/search": {
-                "get": {
-                    "summary": "Find leads by phone (normalised), email or name (first, last or full)",
-                    "security": KEY_SECURITY,
-                    "parameters": [
-                        _query("email", "", {"type": "string"}),
-                        _query("phone", "any format; matched as E.164", {"type": "string"}),
-                        _query("name", "case-insensitive", {"type": "string"}),
-                        _query("limit", "at most 50", {"type": "integer", "minimum": 1, "maximum": 50}),
-                    ],
-                    "responses": {
-                        "200": {"description": "matches, newest first", "content": _content(_ref(LeadList))},
-                        **_errors(401, 422),
-                    },
-                }
-            },
-            "/leads/{lead_id}": {
-                "get": {
-                    "summary": "One lead with its CRM state",
-                    "security": KEY_SECURITY,
-                    "parameters": [{"name": "lead_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                    "responses": {
-                        "200": {"description": "the lead", "content": _content(lead_ref)},
-                        **_errors(401, 404),
-                    },
-                }
-            },
-            **_operations_paths(),
-            "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "up"}}}},
-            "/readyz": {
-                "get": {
-                    "summary": "PostgreSQL and Redis reachable",
-                    "responses": {"200": {"description": "ready"}, **_errors(503)},
-                }
-            },
-        },
+                "/leads/{lead_id}": {
+                    "get": {
+                        "summary": "One lead with its CRM state",
+                        "security": KEY_SECURITY,
+                        "parameters": [
+                            {"name": "lead_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                        ],
+                        "responses": {
+                            "200": {"description": "the lead", "content": _content(lead_ref)},
+                            **_errors(401, 404),
+                        },
+                    }
+                },
+                **_operations_paths(),
+                "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "up"}}}},
+                "/readyz": {
+                    "get": {
+                        "summary": "PostgreSQL and Redis reachable",
+                        "responses": {
+                            "200": {"description": "ready", "content": _content(READY_SCHEMA)},
+                            "503": {
+                                "description": "not ready",
+                                "content": _content({"anyOf": [READY_SCHEMA, {"$ref": "#/components/schemas/Error"}]}),
+                            },
+                        },
+                    }
+                },
+            }
+        ),
     }
 
 
@@ -147,6 +186,21 @@ def _op(summary: str, *errors: int, ok: str = "200", params: list[dict[str, Any]
     return operation
 
 
+def _with(operation: dict[str, Any], status: str, description: str) -> dict[str, Any]:
+    operation["responses"][status] = {"description": description}
+    return operation
+
+
+def _dashboard() -> dict[str, Any]:
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {"summary": "The dashboard (HTML): a key, HTTP Basic (the key as password), or a sign-in link's ?token=",
+            "security": [*KEY_SECURITY, {"basic": []}],
+            "parameters": [_query("token", "a sign-in link's token (reactor dashboard-link)", {"type": "string"})],
+            "responses": {"200": {"description": "the page", "content": html},
+                          "303": {"description": "a valid sign-in link: a session cookie, then /"},
+                          "401": {"description": "sign in (WWW-Authenticate: Basic)", "content": html}}}  # fmt: skip
+
+
 def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -155,16 +209,18 @@ def _operations_paths() -> dict[str, Any]:
     """The routes beyond lead intake: jobs, webhooks, reconciliation, routing, metrics, the dashboard."""
     availability = _ref(Availability)
     return {
-        "/webhooks/twenty": {"post": _op(
+        "/webhooks/twenty": {"post": _with(_op(
             "Twenty's webhook deliveries, signed (X-Twenty-Webhook-Signature, -Timestamp, -Nonce); 200 for a "
-            "duplicate", 400, 401, 503, ok="202", security=False)},
+            "duplicate; 503 also when TWENTY_WEBHOOK_SECRET is not set", 400, 401, 503, ok="202", security=False,
+            body={"type": "object"}), "200", "a duplicate delivery")},
         "/sync-crm": {"post": _op("Sync every unsynced lead now (a backlog job)", 401, ok="202")},
         "/tasks/auto-assign": {"post": _op("A follow-up for every person in Twenty without one (a job)", 401,
                                            ok="202")},
         "/jobs/failed": {"get": _op("Dead letters: jobs that failed for good", 401, 422)},
         "/jobs/{job_id}": {"get": _op("A job's status and result", 401, 404, params=[_path("job_id")])},
-        "/reconcile": {"post": _op("Start a reconcile (200 with the running one's id if one runs)", 401, 422,
-                                   ok="202", params=[_query("dry_run", "report only", {"type": "boolean"})])},
+        "/reconcile": {"post": _with(_op("Start a reconcile (200 with the running one's id if one runs)", 401, 422,
+                                   ok="202", params=[_query("dry_run", "report only", {"type": "boolean"})]),
+                               "200", "one is already running: its id")},
         "/reconcile/{job_id}": {"get": _op("A reconcile's status, progress and summary", 401, 404,
                                            params=[_path("job_id")])},
         "/members": {"get": _op("Workspace members with load, weight, cap and availability", 401)},
@@ -177,7 +233,7 @@ def _operations_paths() -> dict[str, Any]:
             _query("person_id", "only this person's", {"type": "string"}),
             _query("limit", "at most 500", {"type": "integer", "minimum": 1, "maximum": 500})])},
         "/metrics": {"get": _op("Prometheus metrics", security=False)},
-        "/": {"get": _op("The dashboard (HTML); also a sign-in link's ?token=", 401)},
+        "/": {"get": _dashboard()},
     }  # fmt: skip
 
 
