@@ -64,7 +64,7 @@ def _raised_inside(tb: TracebackType | None) -> Dependency | None:
         module = str(tb.tb_frame.f_globals.get("__name__", ""))
         if module.startswith("asyncpg"):
             found = Dependency.POSTGRES
-        elif module.startswith("redis") or module.startswith("arq"):
+        elif module.startswith("redis"):  # not arq: every job runs inside arq's frames
             found = Dependency.REDIS
         tb = tb.tb_next
     return found  # the innermost driver frame wins

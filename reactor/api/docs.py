@@ -26,6 +26,7 @@ READY_SCHEMA = {
     "properties": {"status": {"enum": ["ready", "not_ready"]}, "checks": {"type": "object"}},
     "required": ["status", "checks"],
 }
+READY_OR_ERROR = {"anyOf": [READY_SCHEMA, {"$ref": "#/components/schemas/Error"}]}
 KEY_SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
 
 
@@ -64,8 +65,8 @@ _ANY_ROUTE = (422, 503)
 _READS_A_BODY = (400, 408, 413, 415, 422)
 
 
-def _every_status(paths: dict[str, Any]) -> dict[str, Any]:
-    for path, operations in paths.items():
+def _every_status(document: dict[str, Any]) -> dict[str, Any]:
+    for path, operations in document["paths"].items():
         for operation in operations.values():
             responses = operation["responses"]
             statuses: tuple[int, ...] = (422,) if path == "/healthz" else _ANY_ROUTE
@@ -73,7 +74,7 @@ def _every_status(paths: dict[str, Any]) -> dict[str, Any]:
                 statuses += _READS_A_BODY
             for status in statuses:
                 responses.setdefault(str(status), _errors(status)[str(status)])
-    return paths
+    return document
 
 
 def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +82,10 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 
 
 def build_openapi() -> dict[str, Any]:
+    return _with_answers(_every_status(_document()))
+
+
+def _document() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "serialization") for m in (LeadAccepted, LeadPage, LeadList)]
         + [(LeadIn, "validation"), (Availability, "validation")],
@@ -97,80 +102,72 @@ def build_openapi() -> dict[str, Any]:
             "securitySchemes": {
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                 "bearer": {"type": "http", "scheme": "bearer"},
-                "basic": {"type": "http", "scheme": "basic"},
             },
         },
-        "paths": _every_status(
-            {
-                "/leads": {
-                    "post": {
-                        "summary": "Submit a lead (deduplicated by email, then phone, then lead_id)",
-                        "security": KEY_SECURITY,
-                        "requestBody": {"required": True, "content": _content(_ref(LeadIn))},
-                        "responses": {
-                            "201": {"description": "a new lead", "content": _content(_ref(LeadAccepted))},
-                            "200": {"description": "an existing lead", "content": _content(_ref(LeadAccepted))},
-                            **_errors(400, 401, 413, 415, 422),
-                        },
-                    },
-                    "get": {
-                        "summary": "Leads, newest first",
-                        "security": KEY_SECURITY,
-                        "parameters": [
-                            _query("limit", "page size", {"type": "integer", "minimum": 1, "maximum": 200}),
-                            _query("cursor", "next_cursor of the previous page", {"type": "string"}),
-                        ],
-                        "responses": {
-                            "200": {"description": "a page", "content": _content(_ref(LeadPage))},
-                            **_errors(401, 422),
-                        },
+        "paths": {
+            "/leads": {
+                "post": {
+                    "summary": "Submit a lead (deduplicated by email, then phone, then lead_id)",
+                    "security": KEY_SECURITY,
+                    "requestBody": {"required": True, "content": _content(_ref(LeadIn))},
+                    "responses": {
+                        "201": {"description": "a new lead", "content": _content(_ref(LeadAccepted))},
+                        "200": {"description": "an existing lead", "content": _content(_ref(LeadAccepted))},
+                        **_errors(400, 401, 413, 415, 422),
                     },
                 },
-                "/leads/search": {
-                    "get": {
-                        "summary": "Find leads by phone (normalised), email or name (first, last or full)",
-                        "security": KEY_SECURITY,
-                        "parameters": [
-                            _query("email", "", {"type": "string"}),
-                            _query("phone", "any format; matched as E.164", {"type": "string"}),
-                            _query("name", "case-insensitive", {"type": "string"}),
-                            _query("limit", "at most 50", {"type": "integer", "minimum": 1, "maximum": 50}),
-                        ],
-                        "responses": {
-                            "200": {"description": "matches, newest first", "content": _content(_ref(LeadList))},
-                            **_errors(401, 422),
-                        },
-                    }
+                "get": {
+                    "summary": "Leads, newest first",
+                    "security": KEY_SECURITY,
+                    "parameters": [
+                        _query("limit", "page size", {"type": "integer", "minimum": 1, "maximum": 200}),
+                        _query("cursor", "next_cursor of the previous page", {"type": "string"}),
+                    ],
+                    "responses": {
+                        "200": {"description": "a page", "content": _content(_ref(LeadPage))},
+                        **_errors(401, 422),
+                    },
                 },
-                "/leads/{lead_id}": {
-                    "get": {
-                        "summary": "One lead with its CRM state",
-                        "security": KEY_SECURITY,
-                        "parameters": [
-                            {"name": "lead_id", "in": "path", "required": True, "schema": {"type": "string"}}
-                        ],
-                        "responses": {
-                            "200": {"description": "the lead", "content": _content(lead_ref)},
-                            **_errors(401, 404),
-                        },
-                    }
-                },
-                **_operations_paths(),
-                "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "up"}}}},
-                "/readyz": {
-                    "get": {
-                        "summary": "PostgreSQL and Redis reachable",
-                        "responses": {
-                            "200": {"description": "ready", "content": _content(READY_SCHEMA)},
-                            "503": {
-                                "description": "not ready",
-                                "content": _content({"anyOf": [READY_SCHEMA, {"$ref": "#/components/schemas/Error"}]}),
-                            },
-                        },
-                    }
-                },
-            }
-        ),
+            },
+            "/leads/search": {
+                "get": {
+                    "summary": "Find leads by phone (normalised), email or name (first, last or full)",
+                    "security": KEY_SECURITY,
+                    "parameters": [
+                        _query("email", "", {"type": "string"}),
+                        _query("phone", "any format; matched as E.164", {"type": "string"}),
+                        _query("name", "case-insensitive", {"type": "string"}),
+                        _query("limit", "at most 50", {"type": "integer", "minimum": 1, "maximum": 50}),
+                    ],
+                    "responses": {
+                        "200": {"description": "matches, newest first", "content": _content(_ref(LeadList))},
+                        **_errors(401, 422),
+                    },
+                }
+            },
+            "/leads/{lead_id}": {
+                "get": {
+                    "summary": "One lead with its CRM state",
+                    "security": KEY_SECURITY,
+                    "parameters": [{"name": "lead_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "the lead", "content": _content(lead_ref)},
+                        **_errors(401, 404),
+                    },
+                }
+            },
+            **_operations_paths(),
+            "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "up"}}}},
+            "/readyz": {
+                "get": {
+                    "summary": "PostgreSQL and Redis reachable",
+                    "responses": {
+                        "200": {"description": "ready", "content": _content(READY_SCHEMA)},
+                        "503": {"description": "not ready", "content": _content(READY_OR_ERROR)},
+                    },
+                }
+            },
+        },
     }
 
 
@@ -203,6 +200,37 @@ def _dashboard() -> dict[str, Any]:
 
 def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _obj(*required: str, **properties: dict[str, Any]) -> dict[str, Any]:
+    props = {name: {"type": "string"} for name in required} | properties
+    return {"type": "object", "properties": props, "required": list(required)}
+
+
+_LIST = {"type": "array", "items": {"type": "object"}}
+# The JSON each route answers on success, keyed by path and method (the 2xx answers above have no content yet).
+_ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/webhooks/twenty", "post"): _obj("status", "event_id"),
+    ("/sync-crm", "post"): _obj("job_id", "status"),
+    ("/tasks/auto-assign", "post"): _obj("job_id", "status"),
+    ("/reconcile", "post"): _obj("job_id", "status"),
+    ("/jobs/{job_id}", "get"): _obj("job_id", "status"),
+    ("/reconcile/{job_id}", "get"): _obj("job_id", "status", progress={}),
+    ("/jobs/failed", "get"): _obj(failed=_LIST) | {"required": ["failed"]},
+    ("/members", "get"): _obj(members=_LIST) | {"required": ["members"]},
+    ("/members/{member_id}/availability", "get"): _obj("member_id"),
+    ("/members/{member_id}/availability", "put"): _obj("member_id"),
+    ("/assignments", "get"): _obj(assignments=_LIST) | {"required": ["assignments"]},
+    ("/healthz", "get"): _obj("status"),
+}
+
+
+def _with_answers(document: dict[str, Any]) -> dict[str, Any]:
+    for (path, method), schema in _ANSWERS.items():
+        for status, answer in document["paths"][path][method]["responses"].items():
+            if status.startswith("2") and "content" not in answer:
+                answer["content"] = _content(schema)
+    return document
 
 
 def _operations_paths() -> dict[str, Any]:
