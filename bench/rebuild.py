@@ -37,7 +37,8 @@ FILL_CHUNK = 10_000
 
 def old_module(revision: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("old_loadcache", checkout(revision) / "reactor" / "loadcache.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["old_loadcache"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)

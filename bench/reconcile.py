@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, scratch_database, scratch_redis_url, servers
-from reactor.db import create_pool
 from reactor.assignees import rebuild_loads
+from reactor.db import create_pool
 from reactor.loadcache import LoadCache
 from reactor.settings import load_settings
 from reactor.twenty import TwentyClient, create_http_client

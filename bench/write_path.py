@@ -208,7 +208,7 @@ async def burst_and_idle(design: Design, pg_url: str, count: int, cap_s: float) 
         for i in range(20):
             [lead_id] = await post(web, leads(f"idle{i}x", 1))
             started = time.perf_counter()
-            elapsed, got = await until(pool, [lead_id], 30, poll_s=0.005)
+            _elapsed, got = await until(pool, [lead_id], 30, poll_s=0.005)
             if got:
                 latencies.append((time.perf_counter() - started) * 1000)
         quantiles = statistics.quantiles(latencies, n=10) if len(latencies) > 1 else [float("nan")] * 9
@@ -223,7 +223,7 @@ async def backlog(design: Design, pg_url: str, count: int, cap_s: float) -> dict
         before, _ = calls(await sim_state(sim))
         started = time.perf_counter()
         design.start("worker", "worker")
-        seconds, done = await until(pool, ids, cap_s, poll_s=1.0)
+        _seconds, done = await until(pool, ids, cap_s, poll_s=1.0)
         spent, limited = calls(await sim_state(sim))
         return {"leads": count, "followed_up": done, "seconds": round(time.perf_counter() - started, 1),
                 "twenty_calls": spent - before, "http_429": limited,
@@ -233,8 +233,10 @@ async def backlog(design: Design, pg_url: str, count: int, cap_s: float) -> dict
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    designs = [Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs), Design("this-tree", ROOT,
-                                                                                               logs=logs)]
+    designs = [
+        Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs),
+        Design("this-tree", ROOT, logs=logs),
+    ]
     report: dict[str, Any] = {"machine": machine(), "twenty_latency_ms": 20, "members": MEMBERS}
     with servers() as (pg, _rd):
         for design in designs:

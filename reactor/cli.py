@@ -27,6 +27,7 @@ def run_web(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from reactor.app import create_app
+    from reactor.server import SERVER_LIMITS
 
     config = uvicorn.Config(
         create_app(settings),
@@ -37,6 +38,7 @@ def run_web(settings: Settings, host: str, port: int) -> None:
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers go through reactor's handler (JSON, request ids, masking)
         timeout_graceful_shutdown=20,
+        **SERVER_LIMITS,
     )
     uvicorn.Server(config).run()
 

@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
-import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import prometheus_client
 from arq import Retry
 from arq.cron import CronJob, cron
 from arq.worker import Worker, func
 
-from reactor import assignees, deadletters, drain, followup_store, followups, jobs, logs, metrics
-from reactor.resources import Resources, open_resources
+from reactor import (
+    assignees,
+    deadletters,
+    drain,
+    followup_store,
+    followups,
+    jobs,
+    logs,
+    metrics,
+    outages,
+    supervisor,
+)
+from reactor.resources import Resources
 from reactor.settings import Settings
 from reactor.twenty import TwentyClient, TwentyError, TwentyUnavailable
 
@@ -56,6 +68,28 @@ async def _retry_or_dead_letter(ctx: dict[str, Any], name: str, args: list[Any],
                              attempts=ctx["job_try"])  # fmt: skip
 
 
+JobFunction = TypeVar("JobFunction", bound=Callable[..., Awaitable[dict[str, Any]]])
+
+
+def _retry_outages(job: JobFunction) -> JobFunction:
+    """A long job that meets a PostgreSQL or Redis outage is retried later, like one that met a Twenty outage."""
+
+    @functools.wraps(job)
+    async def run(ctx: dict[str, Any], *args: Any) -> dict[str, Any]:
+        try:
+            return await job(ctx, *args)
+        except Retry:
+            raise
+        except Exception as exc:
+            if outages.unavailable(exc) is None:
+                raise
+            res: Resources = ctx["resources"]
+            raise Retry(defer=retry_delay(ctx["job_try"], None, res.settings.sync_retry_base_s)) from exc
+
+    return cast(JobFunction, run)
+
+
+@_retry_outages
 async def sync_backlog(ctx: dict[str, Any]) -> dict[str, Any]:
     """POST /sync-crm: push every waiting lead now, through the drain's batches, and report what happened."""
     res, _ = _resources(ctx)
@@ -75,6 +109,7 @@ async def sync_backlog(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"total": sum(counts.values()), **counts, **result}
 
 
+@_retry_outages
 async def auto_assign(ctx: dict[str, Any]) -> dict[str, Any]:
     """POST /tasks/auto-assign: a follow-up for every person in Twenty who has no active one — historical
     contacts included, which is what this command is for — through the drain's batches."""
@@ -218,18 +253,9 @@ def build_worker(res: Resources, *, burst: bool = False, background: bool = True
 
 
 async def run(settings: Settings) -> int:
+    """The `reactor worker` process: runs until SIGTERM (0) or a configuration error (2), through outages."""
     if settings.worker_metrics_port:
         prometheus_client.start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
-    async with open_resources(settings) as res:
-        if problem := await _check_routing_config(res):
-            print(f"reactor: invalid configuration:\n  {problem}", file=sys.stderr)
-            return 2
-        worker = build_worker(res)
-        # On SIGTERM arq gives the jobs in flight JOB_COMPLETION_WAIT_S to finish; the rest are cancelled and
-        # run again later (their leads are leased, never lost). Cancellation is how arq stops: not an error.
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await worker.async_run()
-            finally:
-                await worker.close()
-    return 0
+    # On SIGTERM arq gives the jobs in flight JOB_COMPLETION_WAIT_S to finish; the rest are cancelled and run again
+    # later (their leads are leased, never lost).
+    return await supervisor.supervise(settings, build_worker, _check_routing_config)
