@@ -28,7 +28,7 @@ from reactor.twenty import Person, TwentyError, TwentyUnavailable
 
 log = logging.getLogger("reactor.drain")
 
-IDLE_POLL_S = 0.05  # how often an idle loop looks for work: bounds the latency of a lone lead
+IDLE_POLL_S = 0.02  # how often an idle loop looks for work (one cheap query): bounds a lone lead's latency
 LEASE_S = 30.0  # renewed while a round runs, so only a dead loop's lease runs out
 SLA_SWEEP_S = 60.0
 ERROR_PAUSE_MAX_S = 30.0
@@ -179,4 +179,15 @@ async def run_forever(res: Resources) -> None:
             continue
         outages = 0
         if not result.busy:
-            await asyncio.sleep(IDLE_POLL_S)
+            await _until_work(res)
+
+
+async def _until_work(res: Resources, *, at_most_s: float = 5.0) -> None:
+    """Idle: look for work every IDLE_POLL_S with one cheap query, and run a full round at least every
+    `at_most_s` anyway (e.g. a wait that ended)."""
+    deadline = time.monotonic() + at_most_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(IDLE_POLL_S)
+        async with res.db.acquire() as conn:
+            if await followup_store.work_waiting(conn):
+                return

@@ -65,10 +65,15 @@ async def renew(conn: Conn, ids: Sequence[int], *, lease_s: float) -> None:
     )  # fmt: skip
 
 
-async def has_work(conn: Conn) -> bool:
+async def work_waiting(conn: Conn) -> bool:
+    """Whether a drain round would find anything: one cheap statement over partial indexes, for an idle loop."""
     return bool(await conn.fetchval(
         """SELECT EXISTS (SELECT 1 FROM follow_ups WHERE state IN ('pending', 'created')
-               AND (wait_until IS NULL OR wait_until <= now()) AND (claimed_until IS NULL OR claimed_until < now()))"""
+                   AND (wait_until IS NULL OR wait_until <= now()) AND (claimed_until IS NULL OR claimed_until < now()))
+               OR EXISTS (SELECT 1 FROM leads WHERE NOT crm_synced AND NOT suppressed AND sync_gave_up_at IS NULL
+                   AND (sync_claimed_until IS NULL OR sync_claimed_until < now()))
+               OR EXISTS (SELECT 1 FROM leads WHERE crm_synced AND crm_person_id IS NOT NULL AND NOT suppressed
+                   AND (follow_up_checked_at IS NULL OR follow_up_checked_at < last_seen_at))"""
     ))  # fmt: skip
 
 
