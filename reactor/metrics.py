@@ -29,6 +29,8 @@ TWENTY_CALLS = Counter("reactor_twenty_calls", "Calls to Twenty by operation and
 TWENTY_RETRIES = Counter("reactor_twenty_retries", "Retried calls to Twenty by reason", ["reason"], registry=REGISTRY)
 RATE_LIMIT_WAIT = Counter("reactor_twenty_rate_limit_wait_seconds", "Time spent waiting for the shared rate limit",
                           registry=REGISTRY)  # fmt: skip
+TWENTY_RATE = Gauge("reactor_twenty_rate_per_minute", "The pace of calls to Twenty the fleet has learnt (shared)",
+                    registry=REGISTRY)  # fmt: skip
 MEMBER_LOAD = Gauge("reactor_member_load", "Open tasks per workspace member, as the load cache has them",
                     ["member"], registry=REGISTRY)  # fmt: skip
 QUEUE_DEPTH = Gauge("reactor_queue_depth", "Jobs waiting in the arq queue", registry=REGISTRY)
