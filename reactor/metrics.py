@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -70,6 +71,14 @@ async def refresh_fleet(redis: Any, db: Any) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_OUTCOME: ContextVar[list[str] | None] = ContextVar("reactor_job_outcome", default=None)
+
+
+def job_failed() -> None:
+    """Count the running job as `failed` although it returns normally: it gave its work up to a dead letter."""
+    outcome = _OUTCOME.get()
+    if outcome is not None:
+        outcome[0] = "failed"
 
 
 def instrumented(job: str) -> Callable[[F], F]:
@@ -80,14 +89,17 @@ def instrumented(job: str) -> Callable[[F], F]:
         async def run(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             outcome = "failed"
+            returned = ["ok"]  # job_failed() turns it into "failed"
+            token = _OUTCOME.set(returned)
             try:
                 result = await func(*args, **kwargs)
-                outcome = "ok"
+                outcome = returned[0]
                 return result
             except Retry:
                 outcome = "retry"
                 raise
             finally:
+                _OUTCOME.reset(token)
                 JOBS.labels(job, outcome).inc()
                 JOB_SECONDS.labels(job).observe(time.perf_counter() - started)
 

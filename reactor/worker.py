@@ -59,6 +59,7 @@ async def _retry_or_dead_letter(ctx: dict[str, Any], name: str, args: list[Any],
         raise Retry(defer=delay) from exc
     await deadletters.record(res.db, job_name=name, job_id=ctx["job_id"], args=args, error=str(exc),
                              attempts=ctx["job_try"])  # fmt: skip
+    metrics.job_failed()
 
 
 async def sync_lead(ctx: dict[str, Any], lead_id: str) -> str:
@@ -79,6 +80,7 @@ async def sync_lead(ctx: dict[str, Any], lead_id: str) -> str:
     if lead_id in pushed.rejected:
         await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id=ctx["job_id"], args=[lead_id],
                                  error=pushed.rejected[lead_id], attempts=ctx["job_try"])  # fmt: skip
+        metrics.job_failed()
         return "rejected"
     if lead_id in pushed.synced:
         # An upsert that matched an existing person sends no person.created: ask for the follow-up here.
@@ -100,6 +102,7 @@ async def create_follow_up(ctx: dict[str, Any], person_id: str, record: dict[str
     if outcome.status == "failed":
         await deadletters.record(res.db, job_name=jobs.FOLLOW_UP, job_id=ctx["job_id"], args=[person_id],
                                  error=outcome.error or "failed", attempts=ctx["job_try"])  # fmt: skip
+        metrics.job_failed()
     return outcome.as_dict()
 
 
