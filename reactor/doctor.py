@@ -51,47 +51,59 @@ def exit_status(checks: Sequence[Check]) -> int:
     return 1 if any(check.ok is False for check in checks) else 0
 
 
-def host_port(url: str, default_port: int) -> str:
+def host_port(url: str, default_port: int | None = None) -> str:
     parts = urlsplit(url)
     try:
-        port = parts.port or default_port
+        port = parts.port
     except ValueError:
-        port = default_port
+        port = None
+    port = port or default_port or (443 if parts.scheme in ("https", "rediss") else 80)
     return f"{parts.hostname or '127.0.0.1'}:{port}"
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
+    text = str(exc)
+    if isinstance(exc, ConnectionRefusedError) or "refused" in text.lower() or "Error 111 " in text:
         return "connection refused"
-    if isinstance(exc, socket.gaierror):
+    if isinstance(exc, socket.gaierror) or "Name or service not known" in text or "Error -2 " in text:
         return "unknown host"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or "timeout" in text.lower():
         return "no answer in time"
-    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def diagnose(exc: BaseException, *, postgres_dsn: str, redis_url: str, twenty_url: str | None) -> Check | None:
+    """The ✗ for a server that could not be reached: host:port, why, and what to check. None: not an outage."""
+    if isinstance(exc, TwentyAuthError):
+        return Check("twenty", False, f"Twenty at {host_port(twenty_url or '')} refused the API key ({exc})",
+                     "check TWENTY_REST_TOKEN (an API key from Twenty's Settings → APIs & Webhooks)")  # fmt: skip
+    if isinstance(exc, TwentyUnavailable):
+        return Check("twenty", False, f"cannot reach Twenty at {host_port(twenty_url or '')} ({exc})",
+                     "check TWENTY_REST_URL and that Twenty is up")  # fmt: skip
+    if isinstance(exc, AuthenticationError):
+        return Check("redis", False, f"Redis at {host_port(redis_url, 6379)} refused the password", "check REDIS_URL")
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return Check("redis", False, f"cannot reach Redis at {host_port(redis_url, 6379)} ({_why(exc)})",
+                     "is it running? check REDIS_URL")  # fmt: skip
+    where = host_port(postgres_dsn, 5432)
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return Check("postgres", False, f"PostgreSQL at {where}: {exc}",
+                     "create it (createdb) or check DATABASE_URL / DB_NAME")  # fmt: skip
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
+        return Check("postgres", False, f"PostgreSQL at {where} refused the login ({exc})",
+                     "check DATABASE_URL or DB_USER / DB_PASSWORD")  # fmt: skip
+    if isinstance(exc, asyncpg.CannotConnectNowError | asyncpg.TooManyConnectionsError):
+        return Check("postgres", False, f"PostgreSQL at {where} is not taking connections ({exc})", "check the server")
+    if isinstance(exc, OSError | TimeoutError):
+        return Check("postgres", False, f"cannot reach PostgreSQL at {where} ({_why(exc)})",
+                     "is it running? check DATABASE_URL or DB_HOST / DB_PORT")  # fmt: skip
+    return None
 
 
 def unreachable(exc: BaseException, *, postgres_dsn: str, redis_url: str, twenty_url: str | None) -> str | None:
-    """One line naming the server that could not be reached, host:port and what to check; None if not an outage."""
-    if isinstance(exc, TwentyUnavailable) and not isinstance(exc, TwentyAuthError):
-        where = host_port(twenty_url or "", 443 if (twenty_url or "").startswith("https") else 80)
-        return f"cannot reach Twenty at {where} ({exc}): check TWENTY_REST_URL and that Twenty is up"
-    if isinstance(exc, TwentyAuthError):
-        return f"Twenty refused the API key ({exc}): check TWENTY_REST_TOKEN (Settings → APIs & Webhooks in Twenty)"
-    if isinstance(exc, AuthenticationError):
-        return f"Redis at {host_port(redis_url, 6379)} refused the password: check REDIS_URL"
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        return f"cannot reach Redis at {host_port(redis_url, 6379)} ({_why(exc)}): is it running? check REDIS_URL"
-    where = host_port(postgres_dsn, 5432)
-    if isinstance(exc, asyncpg.InvalidCatalogNameError):
-        return f"PostgreSQL at {where}: {exc}: create it (createdb) or check DATABASE_URL / DB_NAME"
-    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
-        return f"PostgreSQL at {where} refused the login ({exc}): check DATABASE_URL or DB_USER / DB_PASSWORD"
-    if isinstance(exc, asyncpg.CannotConnectNowError | asyncpg.TooManyConnectionsError):
-        return f"PostgreSQL at {where} is not taking connections ({exc}): check the server"
-    if isinstance(exc, OSError | TimeoutError):
-        return (f"cannot reach PostgreSQL at {where} ({_why(exc)}): is it running? "
-                "check DATABASE_URL or DB_HOST / DB_PORT")  # fmt: skip
-    return None
+    """`diagnose` as the one line a command prints before it exits with status 2."""
+    check = diagnose(exc, postgres_dsn=postgres_dsn, redis_url=redis_url, twenty_url=twenty_url)
+    return f"{check.detail}: {check.fix}" if check else None
 
 
 # -- the checks ---------------------------------------------------------------------------------------------
@@ -102,9 +114,8 @@ async def check_postgres(settings: Settings) -> Check:
     try:
         conn = await asyncpg.connect(settings.postgres_dsn, timeout=3)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        message = unreachable(exc, postgres_dsn=settings.postgres_dsn, redis_url="", twenty_url=None) or str(exc)
-        detail, _, fix = message.partition(": ")
-        return Check("postgres", False, detail, fix)
+        found = diagnose(exc, postgres_dsn=settings.postgres_dsn, redis_url="", twenty_url=None)
+        return found or Check("postgres", False, f"{where}: {exc}")
     try:
         migrated = await conn.fetchval("SELECT to_regclass('public.leads') IS NOT NULL")
         version = await conn.fetchval("SHOW server_version")
@@ -121,9 +132,8 @@ async def check_redis(settings: Settings) -> Check:
         await client.ping()
         version = (await client.info("server")).get("redis_version", "?")
     except RedisError as exc:
-        message = unreachable(exc, postgres_dsn="", redis_url=settings.redis_url, twenty_url=None) or str(exc)
-        detail, _, fix = message.partition(": ")
-        return Check("redis", False, detail, fix)
+        found = diagnose(exc, postgres_dsn="", redis_url=settings.redis_url, twenty_url=None)
+        return found or Check("redis", False, f"{host_port(settings.redis_url, 6379)}: {exc}")
     finally:
         await client.aclose()
     return Check("redis", True, f"{host_port(settings.redis_url, 6379)}, Redis {version}")
@@ -168,23 +178,23 @@ async def _is_simulator(http: httpx.AsyncClient, rest_url: str) -> bool:
     return False
 
 
-async def check_twenty(settings: Settings, webhook_url: str | None = None) -> list[Check]:
+async def check_twenty(
+    settings: Settings, webhook_url: str | None = None, transport: httpx.AsyncBaseTransport | None = None
+) -> list[Check]:
     if not (settings.twenty_rest_url and settings.twenty_rest_token):
         return [Check("twenty", False, "TWENTY_REST_URL and TWENTY_REST_TOKEN are not both set",
                       "set them to Twenty's URL and an API key from its Settings → APIs & Webhooks")]  # fmt: skip
     url, token = settings.twenty_rest_url, settings.twenty_rest_token.get_secret_value()
     budget = _Budget()
-    async with create_http_client(url, token) as http:
+    async with create_http_client(url, token, transport=transport) as http:
         http.event_hooks["response"].append(budget.observe)
         twenty = TwentyClient(http, max_attempts=1)  # a diagnosis never retries, and never into a 429
         try:
             members = await twenty.list_workspace_members()
         except TwentyError as exc:
-            message = unreachable(exc, postgres_dsn="", redis_url="", twenty_url=url) or str(exc)
-            detail, _, fix = message.partition(": ")
-            return [Check("twenty", False, detail, fix)]
+            return [diagnose(exc, postgres_dsn="", redis_url="", twenty_url=url) or Check("twenty", False, str(exc))]
         simulated = await _is_simulator(http, url)
-        checks = [Check("twenty", True, f"{host_port(url, 443)} accepts the token" +
+        checks = [Check("twenty", True, f"{host_port(url)} accepts the token" +
                         (" (reactor's simulator)" if simulated else ""))]  # fmt: skip
         checks.append(_members_check(settings, [m.user_email or m.id for m in members]))
         try:
@@ -249,10 +259,12 @@ def _reachability(url: str, simulated: bool) -> Check:
     return Check("webhook URL", False, f"{host} is a private or loopback address", SAFE_MODE_FIX.format(host=host))
 
 
-async def run(settings: Settings, *, webhook_url: str | None = None) -> list[Check]:
-    """Every check, in order; each failure is a ✗ line, never an exception."""
+async def run(
+    settings: Settings, *, webhook_url: str | None = None, transport: httpx.AsyncBaseTransport | None = None
+) -> list[Check]:
+    """Every check, in order; each failure is a ✗ line, never an exception. `transport` reaches Twenty (tests)."""
     checks = [Check("configuration", True, f"valid ({len(settings.lead_api_keys)} lead source(s))")]
     checks.append(await check_postgres(settings))
     checks.append(await check_redis(settings))
-    checks += await check_twenty(settings, webhook_url)
+    checks += await check_twenty(settings, webhook_url, transport)
     return checks
