@@ -249,7 +249,7 @@ def _outage(exc: Exception) -> str | None:
                               twenty_url=settings.twenty_rest_url)  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reactor",
         description="reactor turns inbound leads into worked follow-ups in Twenty CRM.",
@@ -297,7 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev.add_argument("--reset", action="store_true", help="start from empty: forget the last run's leads and caches")
     doctor = commands.add_parser("doctor", help="check configuration, PostgreSQL, Redis, Twenty and the webhook")
     doctor.add_argument("--webhook-url", help="reactor's webhook URL (default: every subscription to /webhooks/twenty)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except Exception as exc:

@@ -291,6 +291,54 @@ async def test_reactor_dev_runs_the_pipeline_and_stops_everything(
     assert b"LEAD_API_KEYS: is required but not set" in after.stderr
 
 
+async def test_reactor_dev_reset_empties_the_state_it_would_keep_with_a_real_twenty(
+    database_url: str, redis_url: str, db: asyncpg.Pool, redis: Redis, tmp_path: Path
+) -> None:
+    await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('kept', 'kept@example.com', 'old')")
+    await redis.set("reactor:kept", "1")
+    await redis.set("someone-elses-key", "1")
+    port = free_port()
+    # A "real" Twenty (configured; here nothing answers there): the state would be kept without --reset.
+    env = _env(database_url, redis_url, TWENTY_REST_URL=f"http://127.0.0.1:{free_port()}", TWENTY_REST_TOKEN="t",
+               TWENTY_MAX_ATTEMPTS="1")  # fmt: skip
+    log_path = tmp_path / "dev.log"
+    with log_path.open("w") as log:
+        dev = subprocess.Popen([sys.executable, "-m", "reactor", "dev", "--reset", "--port", str(port)], env=env,
+                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            with anyio.fail_after(60):
+                while "reactor dev is running" not in log_path.read_text():
+                    assert dev.poll() is None, log_path.read_text()
+                    await anyio.sleep(0.2)
+        finally:
+            dev.send_signal(signal.SIGINT)
+            await anyio.to_thread.run_sync(lambda: dev.wait(timeout=60))
+    output = log_path.read_text()
+    assert "starting clean (--reset)" in output
+    assert await db.fetchval("SELECT count(*) FROM leads") == 0
+    assert await redis.exists("reactor:kept") == 0
+    assert await redis.exists("someone-elses-key") == 1  # only reactor's keys: the Redis database may be shared
+    assert "✗ twenty: cannot reach Twenty at 127.0.0.1:" in output  # and doctor said why nothing will sync
+
+
+def test_a_dashboard_link_names_the_url_it_is_given(
+    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from pydantic import SecretStr
+
+    from reactor.api.dashboard import token_source
+    from reactor.cli import main
+
+    for name, value in _env(database_url, redis_url).items():
+        monkeypatch.setenv(name, value)
+    assert main(["dashboard-link", "--url", "http://127.0.0.1:8000"]) == 0
+    link = capsys.readouterr().out.strip()
+    assert link.startswith("http://127.0.0.1:8000/?token=")
+    assert token_source(link.partition("token=")[2], {"cli": SecretStr("k")}, now=time.time()) == "cli"
+
+
 async def test_reactor_dev_fails_at_once_when_its_port_is_taken(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

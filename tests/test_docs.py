@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -88,6 +89,103 @@ def test_every_documented_path_is_in_the_api_doc() -> None:
     text = API_DOC.read_text()
     missing = [path for path in build_openapi()["paths"] if f"`{path}`" not in text and f" {path}" not in text]
     assert missing == [], f"docs/api.md does not mention {missing}"
+
+
+# -- the README's commands -----------------------------------------------------------------------------------
+
+README = ROOT / "README.md"
+CI = ROOT / ".ci" / "run"
+CLI = "tests/test_cli.py::"
+# Each `reactor` command the README shows (its subcommand and options) -> the test that runs it.
+RUN_BY = {
+    ("--help",): CLI + "test_help_lists_every_command",
+    ("dev",): CLI + "test_reactor_dev_runs_the_pipeline_and_stops_everything",
+    ("dev", "--port"): CLI + "test_reactor_dev_runs_the_pipeline_and_stops_everything",
+    ("dev", "--reset"): CLI + "test_reactor_dev_reset_empties_the_state_it_would_keep_with_a_real_twenty",
+    ("doctor",): CLI + "test_reactor_dev_runs_the_pipeline_and_stops_everything",  # from a second terminal
+    ("reconcile", "--check"): CLI + "test_reconcile_cli_reports_drift_as_json",
+    ("reconcile", "--dry-run"): CLI + "test_reconcile_cli_reports_drift_as_json",
+    ("reconcile",): CLI + "test_reconcile_cli_reports_drift_as_json",
+    ("webhook", "status"): CLI + "test_webhook_install_creates_then_updates_and_status_reports",
+    ("webhook", "install", "--url"): CLI + "test_webhook_install_creates_then_updates_and_status_reports",
+    ("dashboard-link",): CLI + "test_reactor_dev_runs_the_pipeline_and_stops_everything",
+    ("dashboard-link", "--url"): CLI + "test_a_dashboard_link_names_the_url_it_is_given",
+    ("migrate",): CLI + "test_migrate_twice_succeeds",
+    ("web",): CLI + "test_procfile_web_line_binds_port_and_stops_on_sigterm",
+    ("web", "--host", "--port"): CLI + "test_procfile_web_line_binds_port_and_stops_on_sigterm",
+    ("worker",): CLI + "test_the_procfile_worker_stops_cleanly_on_sigterm",
+}
+
+
+def _readme_commands() -> list[str]:
+    text = README.read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.DOTALL)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [part.strip() for line in lines if line and not line.startswith("#") for part in line.split("&&")]
+    # Commands in the prose too: `reactor …` spans (the commands table, with [options], is the --help's summary).
+    inline = re.findall(r"`((?:\.venv/bin/)?reactor [^`\[…]*)`", text)
+    return commands + [c.strip() for c in inline]
+
+
+def _key(argv: list[str]) -> tuple[str, ...]:
+    words = [a for a in argv if not a.startswith("-")]
+    head = words[:2] if words[:1] == ["webhook"] else words[:1]
+    return (*head, *[a for a in argv if a.startswith("--")])
+
+
+def test_every_readme_command_is_run_by_a_test_or_by_ci() -> None:
+    from reactor.cli import build_parser
+
+    ci = CI.read_text()
+    quickstart_test = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest"
+    assert quickstart_test in README.read_text()
+    assert quickstart_test in ci, ".ci/run must run the README's test command verbatim"
+    unrun = []
+    for command in _readme_commands():
+        argv = shlex.split(command)
+        if Path(argv[0]).name != "reactor":
+            if command not in ci and command != "python3 -m venv .venv":
+                unrun.append(command)
+            continue
+        key = _key(argv[1:])
+        if key not in RUN_BY:
+            unrun.append(command)
+            continue
+        if key != ("--help",):
+            build_parser().parse_args(argv[1:])  # the README's options are the command's (else SystemExit)
+        module, _, test = RUN_BY[key].partition("::")
+        assert f"def {test}(" in (ROOT / module).read_text(), f"{RUN_BY[key]} is gone"
+    assert unrun == [], f"README commands no test or .ci/run runs: {unrun}"
+
+
+def test_every_setting_is_documented() -> None:
+    from reactor.settings import Settings
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [
+        str(f.validation_alias) for f in Settings.model_fields.values() if f"| `{f.validation_alias}` |" not in text
+    ]
+    assert missing == [], f"docs/configuration.md lacks {missing}"
+
+
+def test_the_log_events_the_docs_show_exist() -> None:
+    docs = README.read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    shown = set(re.findall(r"`((?:assign|followup|sync|webhook|reconcile|migrate)\.[a-z_]+) ", docs))
+    code = "".join(p.read_text() for p in (ROOT / "reactor").rglob("*.py"))
+    assert shown, "the docs show log lines"
+    assert [event for event in sorted(shown) if f'"{event} ' not in code and f'"{event}"' not in code] == []
+
+
+def test_the_docs_link_to_files_that_exist_or_are_coming() -> None:
+    coming = {"twenty-compatibility.md", "survivorship.md", "intake-performance.md", "reliability.md", "write-path.md"}
+    for page in [README, *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+\.md)", page.read_text()):
+            path = (page.parent / target).resolve()
+            assert path.exists() or path.name in coming, f"{page.name} links to {target}, which does not exist"
+
+
+def test_the_readme_stays_short() -> None:
+    assert len(README.read_text().splitlines()) <= 250
 
 
 # -- /docs in a real browser --------------------------------------------------------------------------------
