@@ -315,7 +315,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-
     if args.command == "sim":
         from reactor import sim as simulator
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -82,3 +83,18 @@ def test_embedded_postgres_says_where_its_data_is_and_which_user_runs_it() -> No
     assert ".reactor/dev/pg" in described
     if os.geteuid() == 0:
         assert "system user 'pgserver'" in described
+
+
+def test_dev_env_is_read_only_while_the_dev_that_wrote_it_runs(tmp_path: Path) -> None:
+    path = tmp_path / ".reactor" / "dev.env"
+    devstack.write_dev_env({"DATABASE_URL": "postgresql://u@h:5432/x?sslmode=disable", "LEAD_API_KEYS": "dev:k y"},
+                           path)  # fmt: skip
+    assert path.stat().st_mode & 0o077 == 0  # it holds secrets
+    # Written by this process, which is alive: read back exactly, quoted so a shell can source it too.
+    assert devstack.running_dev_env(path) == {"DATABASE_URL": "postgresql://u@h:5432/x?sslmode=disable",
+                                              "LEAD_API_KEYS": "dev:k y"}  # fmt: skip
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path.write_text(path.read_text().replace(f"REACTOR_DEV_PID={os.getpid()}", f"REACTOR_DEV_PID={dead.pid}"))
+    assert devstack.running_dev_env(path) == {}  # a `reactor dev` that died: its file is ignored
+    assert devstack.running_dev_env(tmp_path / "missing.env") == {}
