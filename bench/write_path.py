@@ -238,9 +238,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.current
         else Design("this-tree", ROOT, logs=logs)
     )
-    current = Design(f"this-{args.current}", checkout(args.current), logs=logs) if args.current else None
-    designs = [Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs),
-               current or Design("this-tree", ROOT, logs=logs)]  # fmt: skip
+    designs = [Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs), current]
     report: dict[str, Any] = {"machine": machine(), "twenty_latency_ms": 20, "members": MEMBERS}
     with servers() as (pg, _rd):
         for design in designs:
