@@ -47,46 +47,13 @@ MERGEABLE_COLUMNS = (
 )
 # Unique columns: gained only when no other lead already holds the value.
 UNIQUE_COLUMNS = ("email", "phone")
-_MAX_RACE_RETRIES = 5
+# `raw` (the fields the schema does not know) is capped per lead; what does not fit stays in lead_submissions.
+RAW_MAX_KEYS = 200
+RAW_MAX_BYTES = 16 * 1024
 
-_INSERT = f"""
-INSERT INTO leads (lead_id, api_source, raw, {", ".join(UNIQUE_COLUMNS + MERGEABLE_COLUMNS)})
-VALUES ($1, $2, $3, {", ".join(f"${i}" for i in range(4, 4 + len(UNIQUE_COLUMNS + MERGEABLE_COLUMNS)))})
-ON CONFLICT DO NOTHING
-RETURNING lead_id
-"""
-
-# Dedupe order: email first, then phone, then the source's lead_id.
-_MATCH = """
-SELECT lead_id FROM (
-    SELECT lead_id, 1 AS rank FROM leads WHERE email = $1
-    UNION ALL SELECT lead_id, 2 FROM leads WHERE phone = $2
-    UNION ALL SELECT lead_id, 3 FROM leads WHERE lead_id = $3
-) AS matches
-ORDER BY rank
-LIMIT 1
-"""
-
-_MERGE = f"""
-UPDATE leads SET
-    {", ".join(f"{col} = COALESCE({col}, ${i})" for i, col in enumerate(MERGEABLE_COLUMNS, start=5))},
-    email = COALESCE(email, (SELECT $2::text WHERE NOT EXISTS (SELECT 1 FROM leads WHERE email = $2))),
-    phone = COALESCE(phone, (SELECT $3::text WHERE NOT EXISTS (SELECT 1 FROM leads WHERE phone = $3))),
-    raw = $4::jsonb || raw,
-    -- A Person already in Twenty is pushed again when the lead gains something it lacked.
-    crm_synced = crm_synced AND NOT (
-        (email IS NULL AND $2::text IS NOT NULL) OR (phone IS NULL AND $3::text IS NOT NULL)
-        {"".join(f" OR ({col} IS NULL AND ${i} IS NOT NULL)" for i, col in enumerate(MERGEABLE_COLUMNS, start=5))}
-    ),
-    last_seen_at = now(),
-    submission_count = submission_count + 1
-WHERE lead_id = $1
-RETURNING lead_id
-"""
-
-_RECORD_SUBMISSION = """
-INSERT INTO lead_submissions (lead_id, api_source, outcome, payload) VALUES ($1, $2, $3, $4)
-"""
+# One round trip: the plpgsql function in schema.sql inserts or merges and records the submission.
+_SUBMIT = f"""SELECT lead_id, created FROM reactor_submit_lead(
+    $1, $2, $3, $4, $5, $6, $7, {", ".join(f"${i}" for i in range(8, 8 + len(UNIQUE_COLUMNS + MERGEABLE_COLUMNS)))})"""
 
 
 def new_lead_id() -> str:
@@ -96,57 +63,56 @@ def new_lead_id() -> str:
 async def upsert_lead(
     conn: Conn,
     *,
-    lead_id: str | None,
+    source_lead_id: str | None,
     columns: Mapping[str, Any],
     raw: Mapping[str, Any],
     api_source: str,
     payload: Mapping[str, Any],
 ) -> tuple[str, bool]:
-    """Store a submission; return (lead_id, created).
+    """Store a submission; return (reactor's lead_id, created).
 
-    Either inserts a new lead, or merges into the lead it matches (email, then phone, then lead_id): the match
-    gains the fields it lacked and nothing it has is overwritten. Safe under any concurrency: when two
-    submissions of one person race, the unique indexes let exactly one insert, and the others merge into it.
-    Every submission is also kept verbatim in `lead_submissions`.
+    Either inserts a new lead under a new reactor id, or merges into the lead it matches (email, then phone, then
+    the source's own id within that source): see `reactor_submit_lead` in schema.sql for the merge rules. Safe
+    under any concurrency: the unique indexes let exactly one insert win, and the others merge into it. Every
+    submission is also kept verbatim in `lead_submissions`. One statement, one round trip.
     """
-    unique = [columns.get(col) for col in UNIQUE_COLUMNS]
-    mergeable = [columns.get(col) for col in MERGEABLE_COLUMNS]
-    for _ in range(_MAX_RACE_RETRIES):
-        try:
-            async with conn.transaction():
-                inserted = await conn.fetchval(
-                    _INSERT, lead_id or new_lead_id(), api_source, dict(raw), *unique, *mergeable
-                )
-                if inserted is not None:
-                    await conn.execute(_RECORD_SUBMISSION, inserted, api_source, "created", dict(payload))
-                    return inserted, True
-                # The insert met a committed conflicting row (ON CONFLICT waits for an in-flight one), so a
-                # fresh statement in READ COMMITTED sees it.
-                match = await conn.fetchval(_MATCH, columns.get("email"), columns.get("phone"), lead_id)
-                if match is None:
-                    continue
-                merged = await conn.fetchval(_MERGE, match, *unique, dict(raw), *mergeable)
-                if merged is None:
-                    continue
-                await conn.execute(_RECORD_SUBMISSION, merged, api_source, "existing", dict(payload))
-                return merged, False
-        except asyncpg.UniqueViolationError:
-            # A concurrent writer took an email or phone this merge wanted to fill in: go round again, and the
-            # NOT EXISTS guards in _MERGE now see it.
-            continue
-    raise RuntimeError(f"lead upsert did not settle after {_MAX_RACE_RETRIES} attempts")
+    row = await conn.fetchrow(
+        _SUBMIT,
+        new_lead_id(),
+        api_source,
+        source_lead_id,
+        raw,
+        payload,
+        RAW_MAX_KEYS,
+        RAW_MAX_BYTES,
+        *[columns.get(col) for col in UNIQUE_COLUMNS],
+        *[columns.get(col) for col in MERGEABLE_COLUMNS],
+    )
+    assert row is not None  # the function returns a row or raises
+    return row["lead_id"], row["created"]
 
 
-async def get_lead(conn: Conn, lead_id: str) -> asyncpg.Record | None:
-    """The lead, with its person's latest follow-up (`fu_*` columns, NULL when there is none)."""
+_FOLLOW_UP_JOIN = """LEFT JOIN LATERAL (
+               SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f ON true"""
+
+
+async def get_lead(conn: Conn, lead_id: str, *, api_source: str | None = None) -> asyncpg.Record | None:
+    """The lead, with its person's latest follow-up (`fu_*` columns, NULL when there is none).
+
+    `lead_id` is reactor's id or, when `api_source` is given, that source's own id for the lead; the source's
+    id wins when both name a lead (a source looks its leads up by the ids it gave them)."""
     return await conn.fetchrow(
-        """SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
+        f"""SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
                   f.llm_used AS fu_llm_used, f.opened_at AS fu_opened_at
            FROM leads l
-           LEFT JOIN LATERAL (SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f
-                  ON true
-           WHERE l.lead_id = $1""",
+           {_FOLLOW_UP_JOIN}
+           WHERE l.lead_id = (
+               SELECT m.lead_id FROM (
+                   SELECT lead_id, 1 AS rank FROM leads WHERE api_source = $2 AND source_lead_id = $1
+                   UNION ALL SELECT lead_id, 2 FROM leads WHERE lead_id = $1
+               ) AS m ORDER BY m.rank LIMIT 1)""",
         lead_id,
+        api_source,
     )
 
 
