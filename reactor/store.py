@@ -7,6 +7,7 @@ of those keys. No code path reads and then decides to insert.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -172,16 +173,18 @@ async def search_leads(
 # --- sync to Twenty -------------------------------------------------------------------------------------------
 # A lead is worked by one worker at a time: a claim is a lease (`sync_claimed_until`) taken by an UPDATE, so
 # the single-lead job and the backlog sweep never push the same lead at once, and a killed worker's lease
-# simply runs out.
+# simply runs out. The claim also chooses the lead's Person id the first time (stored before Twenty is called),
+# so whoever pushes the lead next upserts the same Person.
 
 _CLAIMABLE = """NOT crm_synced AND NOT suppressed AND sync_gave_up_at IS NULL
     AND (sync_claimed_until IS NULL OR sync_claimed_until < now())"""
+_CHOOSE_PERSON_ID = "crm_person_id = coalesce(crm_person_id, gen_random_uuid()::text)"
 
 
 async def claim_lead(conn: Conn, lead_id: str, *, lease_s: float) -> asyncpg.Record | None:
     """Lease one unsynced lead; None when it is synced, suppressed, unknown, or leased by another worker."""
     return await conn.fetchrow(
-        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2)
+        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2), {_CHOOSE_PERSON_ID}
             WHERE lead_id = $1 AND {_CLAIMABLE} RETURNING *""",
         lead_id,
         lease_s,
@@ -191,7 +194,7 @@ async def claim_lead(conn: Conn, lead_id: str, *, lease_s: float) -> asyncpg.Rec
 async def claim_unsynced(conn: Conn, *, limit: int, lease_s: float) -> list[asyncpg.Record]:
     """Lease up to `limit` unsynced leads, oldest first, skipping any another worker holds."""
     return await conn.fetch(
-        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2)
+        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2), {_CHOOSE_PERSON_ID}
             WHERE lead_id IN (
                 SELECT lead_id FROM leads WHERE {_CLAIMABLE} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED
             )
@@ -222,15 +225,26 @@ async def count_unsynced(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM leads WHERE NOT crm_synced AND NOT suppressed"))
 
 
-async def mark_synced(conn: Conn, person_ids: Mapping[str, str]) -> None:
-    """Record the Person id of each lead (lead_id -> person id) and release its lease."""
+async def mark_synced(
+    conn: Conn,
+    person_ids: Mapping[str, str],
+    *,
+    versions: Mapping[str, int],
+    values: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Record a push (lead_id -> person id, the lead version it sent, the values it stands for) and release the
+    lease. The lead is marked synced only if it is still at that version; a newer one stays pending."""
+    lead_ids = list(person_ids)
     await conn.execute(
-        """UPDATE leads SET crm_person_id = p.person_id, crm_synced = true, crm_synced_at = now(),
+        """UPDATE leads SET crm_person_id = p.person_id, crm_synced = (leads.version = p.version),
+                            synced_version = p.version, pushed = p.pushed::jsonb, crm_synced_at = now(),
                             last_sync_error = NULL, sync_claimed_until = NULL
-           FROM unnest($1::text[], $2::text[]) AS p(lead_id, person_id)
+           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS p(lead_id, person_id, version, pushed)
            WHERE leads.lead_id = p.lead_id""",
-        list(person_ids),
-        list(person_ids.values()),
+        lead_ids,
+        [person_ids[lead_id] for lead_id in lead_ids],
+        [versions[lead_id] for lead_id in lead_ids],
+        [json.dumps(values[lead_id]) for lead_id in lead_ids],
     )
 
 
