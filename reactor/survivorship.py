@@ -92,7 +92,7 @@ def changes(
 
 
 def person_input(
-    person_id: str,
+    person_id: str | None,
     send: Mapping[str, Any],
     values: Mapping[str, Any],
     in_twenty: Mapping[str, Any] | None,

@@ -144,7 +144,10 @@ async def push(
     and on the primary email; when the email belongs to another Person already, Twenty updates that one and
     answers with its id, which is recorded instead."""
     pushed = Pushed()
-    by_id = {p.id: p for p in await twenty.find_people_by_ids([lead["crm_person_id"] for lead in leads])}
+    # Leads come from store.claim_*, which gives each one its Person id; one without (a caller that did not
+    # claim) is upserted by email as before, without the retry safety.
+    known_ids = [lead["crm_person_id"] for lead in leads if lead["crm_person_id"]]
+    by_id = {p.id: p for p in await twenty.find_people_by_ids(known_ids)} if known_ids else {}
     todo: list[tuple[Mapping[str, Any], Person | None]] = []
     for lead in leads:
         person = by_id.get(lead["crm_person_id"])
