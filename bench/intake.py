@@ -124,6 +124,15 @@ async def wait_ready(base_url: str, process: asyncio.subprocess.Process) -> None
     raise SystemExit("server did not become ready")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float | None:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -168,8 +177,10 @@ async def measure(
             async with Redis.from_url(redis_url) as redis:
                 await redis.flushdb()
             await _truncate(database_url)
+            cpu_before = cpu_s(process.pid)
             with _profiled(process.pid, args.duration, enabled=args.profile and kind != "ceiling") as profile:
                 load = await drive(base_url, key, args.duration, args.connections)
+            cpu_used = cpu_s(process.pid) - cpu_before
             rss = rss_mib(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -188,6 +199,7 @@ async def measure(
         "p50_ms": round(float(load["p50_us"]) / 1000, 2),  # type: ignore[arg-type]
         "p90_ms": round(float(load["p90_us"]) / 1000, 2),  # type: ignore[arg-type]
         "p99_ms": round(float(load["p99_us"]) / 1000, 2),  # type: ignore[arg-type]
+        "web_cpu_ms_per_request": round(1000 * cpu_used / max(requests, 1), 3),
         "requests": requests,
         "non_2xx": load["non_2xx"],
         "socket_errors": load["errors"],
