@@ -140,6 +140,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS leads_source_lead_id ON leads (api_source, sou
 ALTER TABLE leads ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 1;
 ALTER TABLE leads ADD COLUMN IF NOT EXISTS synced_version bigint;
 ALTER TABLE leads ADD COLUMN IF NOT EXISTS pushed jsonb;
+-- A lead synced before versions existed was pushed whole, every column as it is now (any gain made it pending):
+-- record that, so its next re-sync sends only what changes from here. Synced leads written since always have a
+-- synced_version, so this touches nothing twice.
+UPDATE leads SET synced_version = version,
+                 pushed = jsonb_strip_nulls(jsonb_build_object('first_name', first_name, 'last_name', last_name,
+                                                               'email', email, 'phone', phone,
+                                                               'job_title', job_title, 'city', city))
+ WHERE synced_version IS NULL AND crm_synced;
 
 -- Intake in one round trip (issue 17): insert the lead or merge it into the one it matches, and record the
 -- submission, in one call. Race-free as the unique indexes make it: INSERT … ON CONFLICT DO NOTHING waits for a

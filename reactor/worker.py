@@ -72,8 +72,10 @@ async def sync_lead(ctx: dict[str, Any], lead_id: str) -> str:
     if pushed is None:
         # Already synced: a returning lead. Its person gets a new follow-up if the last one is done.
         async with res.db.acquire() as conn:
-            lead = await conn.fetchrow("SELECT crm_person_id, suppressed FROM leads WHERE lead_id = $1", lead_id)
-        if lead and lead["crm_person_id"] and not lead["suppressed"]:
+            lead = await conn.fetchrow("SELECT crm_person_id, suppressed, synced_version FROM leads WHERE lead_id = $1",
+                                       lead_id)  # fmt: skip
+        # crm_person_id is chosen at the claim, before the Person exists: only a pushed lead has one for sure.
+        if lead and lead["crm_person_id"] and lead["synced_version"] is not None and not lead["suppressed"]:
             await jobs.enqueue_follow_up(res.redis, lead["crm_person_id"])
         return "skipped"
     if lead_id in pushed.rejected:

@@ -57,11 +57,17 @@ async def test_migration_keeps_existing_ids_valid_and_is_idempotent(
     # A lead stored before this change: keyed by its source's id, without the new columns' values.
     await db.execute("INSERT INTO leads (lead_id, email, api_source, first_name) "
                      "VALUES ('legacy-7', 'old@example.com', 'webform', 'Old')")  # fmt: skip
+    await db.execute("INSERT INTO leads (lead_id, email, api_source, job_title, crm_person_id, crm_synced) "
+                     "VALUES ('legacy-8', 'synced@example.com', 'webform', 'CTO', 'p-8', true)")  # fmt: skip
     await db.execute("UPDATE leads SET source_lead_id = NULL")
     async with db.acquire() as conn:
         await migrate(conn)
         await migrate(conn)
     assert await db.fetchval("SELECT source_lead_id FROM leads WHERE lead_id = 'legacy-7'") == "legacy-7"
+    # A lead synced before versions: recorded as pushed whole, so a re-sync sends only what changes from here.
+    synced = await db.fetchrow("SELECT synced_version, pushed FROM leads WHERE lead_id = 'legacy-8'")
+    assert (synced["synced_version"], synced["pushed"]) == (1, {"email": "synced@example.com", "job_title": "CTO"})
+    assert await db.fetchval("SELECT synced_version FROM leads WHERE lead_id = 'legacy-7'") is None
     assert (await client.get("/leads/legacy-7")).json()["first_name"] == "Old"
     again = await client.post("/leads", json={"lead_id": "legacy-7", "phone": "+14155550123"})
     assert again.json()["lead_id"] == "legacy-7"
