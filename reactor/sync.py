@@ -145,8 +145,9 @@ async def push(
     answers with its id, which is recorded instead."""
     pushed = Pushed()
     # Leads come from store.claim_*, which gives each one its Person id; one without (a caller that did not
-    # claim) is upserted by email as before, without the retry safety.
-    known_ids = [lead["crm_person_id"] for lead in leads if lead["crm_person_id"]]
+    # claim) is upserted by email as before, without the retry safety. An id the claim just chose cannot be in
+    # Twenty yet: no look-up for it (a backlog of new leads costs one upsert per batch, as before).
+    known_ids = [lead["crm_person_id"] for lead in leads if lead["crm_person_id"] and not lead.get("person_id_is_new")]
     by_id = {p.id: p for p in await twenty.find_people_by_ids(known_ids)} if known_ids else {}
     todo: list[tuple[Mapping[str, Any], Person | None]] = []
     for lead in leads:
