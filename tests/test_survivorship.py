@@ -3,6 +3,7 @@ transport), and the survivorship table of docs/survivorship.md row by row."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -212,3 +213,21 @@ def test_a_gained_name_part_keeps_the_other_part_twenty_has() -> None:
     assert send == {"last_name": "Lee"}
     body = survivorship.person_input("p1", send, values, now).body()
     assert body["name"] == {"firstName": "Annie", "lastName": "Lee"}
+
+
+async def test_two_workers_pushing_one_lead_make_one_person(
+    client: httpx.AsyncClient, db: asyncpg.Pool, twenty: TwentyClient, sim: tuple[Any, LosingTransport]
+) -> None:
+    """A lease that ran out while its worker still pushes: the next worker pushes the same lead at once."""
+    lead_id = await post(client, first_name="Twice", phone="+14155550155")
+    async with db.acquire() as conn:
+        first = await store.claim_lead(conn, lead_id, lease_s=0.001)
+        assert first is not None
+        await conn.execute("UPDATE leads SET sync_claimed_until = now() - interval '1 second'")  # it ran out
+        second = await store.claim_lead(conn, lead_id, lease_s=60)
+        assert second is not None
+    assert first["crm_person_id"] == second["crm_person_id"]  # chosen once, before any call
+    pushes = await asyncio.gather(*(sync.push([dict(row)], twenty, OPTIONS) for row in (first, second)))
+    for pushed in pushes:
+        await sync.record(db, pushed)
+    assert [p["id"] for p in people(sim)] == [first["crm_person_id"]]
