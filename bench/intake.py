@@ -7,8 +7,7 @@ requests/s, and the outcome of every run: one row per person, every submission r
 
     .venv/bin/python bench/intake.py --ceiling --baseline [--before main] [--profile] [--json]
 
-Servers: `reactor` (`reactor web` as shipped, with the per-lead sync enqueue), `reactor_no_nudge` (the same app
-without the enqueue, as after the drain loop), `--ceiling` (bench/ceiling_intake.py: Starlette + an asyncpg
+Servers: `reactor` (`reactor web` as shipped), `--ceiling` (bench/ceiling_intake.py: Starlette + an asyncpg
 pool + one INSERT … ON CONFLICT), `--baseline` (bench/baseline_intake.py: the seed's connection-per-request,
 look-then-insert design), `--before REF` (reactor web from git REF, e.g. before a change).
 
@@ -47,7 +46,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine, percentile, scratch_database, scratch_redis_url, servers  # noqa: E402
 from reactor.devstack import free_port  # noqa: E402
 
-UVICORN_FAST = ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+# Served as `reactor web` serves (reactor.server: h11, which bounds a request head; uvloop; no access log), so the
+# ratio measures the app's own work.
+UVICORN_LIKE_REACTOR = ["--http", "h11", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
 
 
 def lead(person: int) -> dict[str, object]:
@@ -149,9 +150,8 @@ def command(kind: str, port: int, before: Path | None) -> tuple[list[str], Path]
     if kind == "before":
         assert before is not None
         return ["-m", "reactor", "web", *here], before
-    module = {"reactor_no_nudge": "bench.reactor_no_nudge:app", "ceiling": "bench.ceiling_intake:app",
-              "baseline": "bench.baseline_intake:app"}[kind]  # fmt: skip
-    return ["-m", "uvicorn", module, *here, *UVICORN_FAST], ROOT
+    module = {"ceiling": "bench.ceiling_intake:app", "baseline": "bench.baseline_intake:app"}[kind]
+    return ["-m", "uvicorn", module, *here, *UVICORN_LIKE_REACTOR], ROOT
 
 
 async def measure(
@@ -297,7 +297,7 @@ def _tree(ref: str | None) -> Iterator[Path | None]:
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    kinds = ["reactor", "reactor_no_nudge"]
+    kinds = ["reactor"]
     if args.before:
         kinds.append("before")
     if args.ceiling:
@@ -319,10 +319,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             report[kind if kind != "before" else f"before ({args.before})"] = median
     ceiling = report.get("ceiling")
     if isinstance(ceiling, dict):
-        for kind in ("reactor", "reactor_no_nudge"):
-            mine = report[kind]
-            assert isinstance(mine, dict)
-            report[f"{kind}_share_of_ceiling"] = f"{100 * mine['requests_per_s'] / ceiling['requests_per_s']:.0f} %"
+        mine = report["reactor"]
+        assert isinstance(mine, dict)
+        report["reactor_share_of_ceiling"] = f"{100 * mine['requests_per_s'] / ceiling['requests_per_s']:.0f} %"
     before_key = f"before ({args.before})"
     if args.before and isinstance(report.get(before_key), dict):
         old, new = report[before_key], report["reactor"]

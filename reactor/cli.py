@@ -27,6 +27,7 @@ def run_web(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from reactor.app import create_app
+    from reactor.server import SERVER_LIMITS
 
     config = uvicorn.Config(
         create_app(settings),
@@ -34,12 +35,12 @@ def run_web(settings: Settings, host: str, port: int) -> None:
         port=port,
         lifespan="on",
         proxy_headers=True,
-        http="httptools",  # the C parser and event loop: a third of the CPU h11 and asyncio take (issue 17)
-        loop="uvloop",
+        loop="uvloop",  # the C event loop (the HTTP protocol is SERVER_LIMITS' h11, which bounds a request head)
         access_log=False,  # a log line per request costs more than intake's own work; errors are logged anyway
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers go through reactor's handler (JSON, request ids, masking)
         timeout_graceful_shutdown=20,
+        **SERVER_LIMITS,
     )
     uvicorn.Server(config).run()
 

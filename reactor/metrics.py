@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -51,12 +51,11 @@ def render() -> bytes:
     return generate_latest(REGISTRY)
 
 
-async def refresh_fleet(redis: Any, db: Any) -> None:
-    """Read the fleet-wide gauges (loads, queue, dead letters, last reconcile) just before a scrape."""
-    loads = await redis.hgetall("reactor:load:counts")
+async def refresh_fleet(redis: Any, db: Any, loads: Mapping[str, int]) -> None:
+    """Set the fleet-wide gauges (loads, queue, dead letters, last reconcile) just before a scrape."""
     MEMBER_LOAD.clear()
     for member, count in loads.items():
-        MEMBER_LOAD.labels(member.decode()).set(int(count))
+        MEMBER_LOAD.labels(member).set(int(count))
     QUEUE_DEPTH.set(await redis.zcard("arq:queue"))
     async with db.acquire() as conn:
         FAILED_JOBS.set(await conn.fetchval("SELECT count(*) FROM failed_jobs WHERE replayed_at IS NULL"))

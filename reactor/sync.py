@@ -55,7 +55,7 @@ class CallBudget:
 class SyncOptions:
     field_map: Mapping[str, str]
     restore_deleted: bool
-    batch_size: int = 60
+    batch_size: int = 200
     lease_s: float = LEASE_S  # a floor: see lease_for
     budget: CallBudget = field(default_factory=CallBudget)
     fixed_lease: bool = False  # lease exactly `lease_s` (SYNC_LEASE_S set by the operator)

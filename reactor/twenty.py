@@ -88,6 +88,7 @@ class Person(TwentyModel):
     phones: Phones | None = None
     job_title: str | None = None
     city: str | None = None
+    created_at: datetime | None = None
     deleted_at: datetime | None = None
 
     @property
@@ -134,6 +135,7 @@ class Webhook(TwentyModel):
     operations: list[str] = Field(default_factory=list)
     description: str | None = None
     secret: str | None = None
+    created_at: datetime | None = None
 
 
 class PersonInput(BaseModel):

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from reactor import intake, jobs, metrics
+from reactor import intake, metrics
 from reactor.api.auth import authenticate
 from reactor.api.inputs import int_param, read_json, text_param
 from reactor.errors import InvalidInput, LeadNotFound, ReactorError
@@ -34,12 +34,7 @@ def _json(model: Any, status: int = 200) -> Response:
 
 
 async def create_lead(request: Request) -> Response:
-    return await accept_lead(request, nudge_sync=True)
-
-
-async def accept_lead(request: Request, *, nudge_sync: bool) -> Response:
-    """POST /leads. `nudge_sync`: enqueue the lead's sync job after the commit (the pending row is the record
-    of the owed work either way; a drain loop that claims pending rows needs no nudge)."""
+    """POST /leads. The stored lead is pending: the drain pushes it (no job is enqueued)."""
     res = _resources(request)
     api_source = authenticate(request, res.settings.lead_api_keys)
     try:
@@ -54,8 +49,6 @@ async def accept_lead(request: Request, *, nudge_sync: bool) -> Response:
         metrics.LEADS.labels("rejected", api_source).inc()
         raise
     result = await intake.submit(res.db, lead, api_source=api_source, payload=payload)
-    if nudge_sync:
-        await jobs.enqueue_sync_lead(res.redis, result.lead_id)  # after the commit; a no-op once synced
     status = "created" if result.created else "existing"
     metrics.LEADS.labels(status, api_source).inc()
     answer = {"status": status, "lead_id": result.lead_id, "source_lead_id": lead.lead_id}  # LeadAccepted
