@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from reactor import deadletters, followup_store, followups, jobs, store, sync
+from reactor import deadletters, followup_store, followups, jobs, metrics, store, sync
 from reactor.followups import Worked
 from reactor.resources import Resources
 from reactor.twenty import Person, TwentyError, TwentyUnavailable
@@ -92,6 +92,9 @@ async def sync_leads(
             await sync.release(res.db, ids, exc)
             return None, exc if isinstance(exc, TwentyUnavailable) else None
     await sync.record(res.db, pushed)
+    for outcome, count in (("synced", len(pushed.synced)), ("suppressed", len(pushed.suppressed)),
+                           ("failed", len(pushed.rejected))):  # fmt: skip
+        metrics.DRAINED.labels("lead", outcome).inc(count)
     for lead_id, error in pushed.rejected.items():
         await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id=jobs.sync_lead_job_id(lead_id),
                                  args=[lead_id], error=error, attempts=1)  # fmt: skip
@@ -119,6 +122,9 @@ async def work_follow_ups(res: Resources, *, limit: int | None = None) -> Worked
         return Worked()
     async with _leased(res, [r["id"] for r in rows], []):
         worked = await followups.work(deps, rows)
+    for outcome, count in (("opened", len(worked.opened)), ("failed", len(worked.failed)),
+                           ("waiting", worked.waiting)):  # fmt: skip
+        metrics.DRAINED.labels("follow_up", outcome).inc(count)
     for person_id, error in worked.failed.items():
         await deadletters.record(res.db, job_name=jobs.FOLLOW_UP, job_id=jobs.follow_up_job_id(person_id),
                                  args=[person_id], error=error, attempts=1)  # fmt: skip

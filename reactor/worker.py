@@ -66,6 +66,8 @@ async def _retry_or_dead_letter(ctx: dict[str, Any], name: str, args: list[Any],
         raise Retry(defer=delay) from exc
     await deadletters.record(res.db, job_name=name, job_id=ctx["job_id"], args=args, error=str(exc),
                              attempts=ctx["job_try"])  # fmt: skip
+    metrics.job_failed()
+    metrics.job_failed()
 
 
 JobFunction = TypeVar("JobFunction", bound=Callable[..., Awaitable[dict[str, Any]]])
