@@ -4,13 +4,17 @@ Twenty's legacy throttler (the default on self-hosted servers) nominally allows 
 but it resets its refill clock on every accepted call and drops the fraction (`throttler.service.ts`), so a
 burst drains it for good and, once drained, a call less than 600 ms after the previous accepted one is refused.
 Under steady load it accepts about 79 calls a minute, not 100. So reactor does not keep a bucket of `limit`
-tokens: it spaces calls evenly (GCRA: one call per interval, no burst), at most SAFE_SHARE of the nominal limit
-(75 a minute for the default 100), and learns:
+tokens: it spaces calls evenly (GCRA: one call per interval), at most SAFE_SHARE of the nominal limit (75 a minute
+for the default 100), and learns:
 
 * a 429 cuts the shared rate for the whole fleet (multiplicatively) and pauses every caller for Retry-After or
   one new interval; the 429s of calls sent before that cut do not cut it again;
 * after a quiet spell (a quarter of the window) without a 429, every call raises the rate a little
-  (multiplicatively, so recovery takes about as many calls whatever the limit), up to the ceiling again.
+  (multiplicatively, so recovery takes about as many calls whatever the limit), up to the ceiling again;
+* after such a quiet spell, a few calls (TWENTY_RATE_BURST, 8) may go at once: the handful of calls a lone lead's
+  journey makes, or the first round of a burst, need not wait 800 ms each. It is safe against the legacy
+  throttler: the burst is paid back at the same even pace before the next one, and that pace earns Twenty's
+  bucket at least one token a call; a burst never follows a 429.
 
 Time comes from the Redis server (TIME), so the clocks of different hosts never disagree; tests may pass a
 clock instead. The state expires after ten idle windows: the learnt rate outlives a pause in the traffic.
@@ -36,14 +40,15 @@ RAISE_PER_CALL = 0.005  # each call after a quiet spell raises the rate by 0.5 %
 QUIET_SHARE = 0.25  # of the window without a 429 before the rate rises again
 
 # KEYS[1]: the state hash (rate in calls per ms, tat = the next free slot, cut = when the rate was last cut).
-# ARGV: ceiling, floor (calls/ms), raise factor, quiet ms, max wait ms, ttl ms, reserved_at (or -1), now (or -1).
+# ARGV: ceiling, floor (calls/ms), raise factor, quiet ms, max wait ms, ttl ms, reserved_at (or -1), now (or -1),
+# burst (calls that may go at once after a quiet spell; 1: none).
 # Returns {wait_ms, now_ms, rate}: wait 0 = go now; > 0 = the slot reserved, come back at it with reserved_at =
 # now_ms; -1 = no slot within the max wait (nothing reserved).
 _ACQUIRE_SCRIPT = """
 pcall(redis.replicate_commands)
 local ceiling, floor_rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local raise, quiet, max_wait, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local reserved_at, now = tonumber(ARGV[7]), tonumber(ARGV[8])
+local reserved_at, now, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -55,7 +60,9 @@ local cut = tonumber(state[3]) or -1
 if reserved_at >= 0 and reserved_at >= cut then
   return {0, now, tostring(rate)}
 end
-local slot = math.max(tat, now)
+local tolerance = 0
+if now - cut >= quiet then tolerance = (burst - 1) / rate end
+local slot = math.max(tat - tolerance, now)
 local wait = slot - now
 if wait > max_wait then
   return {-1, now, tostring(rate)}
@@ -63,7 +70,7 @@ end
 if now - cut >= quiet then
   rate = math.min(ceiling, rate * (1 + raise))
 end
-redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'tat', tostring(slot + 1 / rate))
+redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'tat', tostring(math.max(tat, now) + 1 / rate))
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {math.ceil(wait), now, tostring(rate)}
 """
@@ -137,6 +144,7 @@ class AdaptiveRateLimit:
         max_wait_s: float = 60.0,
         safe_share: float = SAFE_SHARE,
         cut_factor: float = CUT_FACTOR,
+        burst: int = 1,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
@@ -151,6 +159,7 @@ class AdaptiveRateLimit:
         self._ttl_ms = math.ceil(window_ms * 10)
         self._max_wait_ms = max_wait_s * 1000
         self._max_wait_s = max_wait_s
+        self._burst = max(1, burst)
         self._clock = clock  # seconds; None: the Redis server's clock
         self._sleep = sleep
         self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
@@ -170,7 +179,7 @@ class AdaptiveRateLimit:
         reserved_at = -1
         while True:
             args = [self._ceiling, self._floor, RAISE_PER_CALL, self._quiet_ms, self._max_wait_ms, self._ttl_ms,
-                    reserved_at, self._now_ms()]  # fmt: skip
+                    reserved_at, self._now_ms(), self._burst]  # fmt: skip
             try:
                 wait_ms, now_ms, rate = await self._acquire(keys=[self._key], args=args)
             except (RedisError, OSError) as exc:

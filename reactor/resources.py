@@ -60,7 +60,8 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             http = create_http_client(settings.twenty_rest_url, token)
             stack.push_async_callback(http.aclose)
             limiter = RedisTokenBucket(redis, key=twenty_bucket_key(token), limit=settings.twenty_rate_limit,
-                                       window_s=settings.twenty_rate_window_s)  # fmt: skip
+                                       window_s=settings.twenty_rate_window_s,
+                                       burst=settings.twenty_rate_burst)  # fmt: skip
             twenty = TwentyClient(http, limiter=limiter, batch_size=settings.twenty_batch_size,
                                   max_attempts=settings.twenty_max_attempts,
                                   min_rate_limited_wait_s=limiter.token_interval_s)  # fmt: skip

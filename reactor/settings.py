@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     twenty_batch_size: int = Field(200, ge=1, le=200, validation_alias="TWENTY_BATCH_SIZE")
     twenty_rate_limit: int = Field(100, ge=1, validation_alias="TWENTY_RATE_LIMIT")
     twenty_rate_window_s: float = Field(60.0, gt=0, validation_alias="TWENTY_RATE_WINDOW_S")
+    # Calls that may go at once after a quiet spell (never after a 429); 1: evenly spaced only.
+    twenty_rate_burst: int = Field(8, ge=1, le=50, validation_alias="TWENTY_RATE_BURST")
     # Lead column -> custom Person field, e.g. "current_credit:budget". Only named columns are sent.
     person_field_map: Annotated[dict[str, str], NoDecode] = Field({}, validation_alias="PERSON_FIELD_MAP")
     restore_deleted_people: bool = Field(False, validation_alias="RESTORE_DELETED_PEOPLE")

@@ -197,6 +197,7 @@ def build_worker(res: Resources, *, burst: bool = False, background: bool = True
     """arq for the long jobs; with `background`, the drain loop and the maintenance ticker run beside it."""
     settings = res.settings
     tasks: list[asyncio.Task[None]] = []
+    stopped = asyncio.Event()  # arq may run on_shutdown while on_startup is still awaiting
 
     async def startup(ctx: dict[str, Any]) -> None:
         if res.twenty is not None:
@@ -204,11 +205,12 @@ def build_worker(res: Resources, *, burst: bool = False, background: bool = True
                 await assignees.ensure_ready(res.twenty, res.cache, res.db, settings)
             except TwentyError as exc:
                 log.warning("worker.load_cache_not_built error=%s (built at the first pick instead)", exc)
-        if background:
+        if background and not stopped.is_set():
             tasks.append(asyncio.create_task(drain.run_forever(res)))
             tasks.append(asyncio.create_task(_maintenance(res)))
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        stopped.set()
         for task in tasks:
             task.cancel()
         for task in tasks:

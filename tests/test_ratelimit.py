@@ -137,6 +137,18 @@ async def test_a_429_cuts_the_rate_once_for_the_fleet_and_pauses_it(redis: Redis
     assert vt.now == pytest.approx(15.0)
 
 
+async def test_a_burst_goes_at_once_after_a_quiet_spell_but_never_after_a_429(redis: Redis, vt: VirtualTime) -> None:
+    limiter = pace(redis, vt, burst=8)
+    first = await granted_at(limiter, vt, 10)
+    assert first[:8] == [first[0]] * 8  # eight at once
+    assert first[8] - first[0] == pytest.approx(0.8, abs=0.01)  # then the even pace: the burst is paid back
+    assert first[9] - first[8] == pytest.approx(0.8, abs=0.01)
+    await limiter.slow_down(Permit(int(vt.now * 1000)), None)
+    after = await granted_at(limiter, vt, 3)
+    assert after[1] - after[0] == pytest.approx(1.6, abs=0.02)  # halved, and no burst after the refusal
+    assert after[2] - after[1] == pytest.approx(1.6, abs=0.02)
+
+
 async def test_the_rate_rises_again_after_a_quiet_spell_up_to_the_ceiling(redis: Redis, vt: VirtualTime) -> None:
     limiter = pace(redis, vt)
     permit = await limiter.acquire()
@@ -246,14 +258,15 @@ async def backlog(
     return outcome
 
 
-@pytest.mark.parametrize("configured", [100, 1000])
+@pytest.mark.parametrize(("configured", "burst"), [(100, 1), (1000, 1), (100, 8), (1000, 8)])
 async def test_a_backlog_meets_under_two_percent_429s_whatever_the_configured_limit(
-    redis: Redis, redis_url: str, configured: int
+    redis: Redis, redis_url: str, configured: int, burst: int
 ) -> None:
-    """TWENTY_RATE_LIMIT=100 (the default, the server's nominal limit) and 1000 (wrong): the pace learns."""
+    """TWENTY_RATE_LIMIT=100 (the default, the server's nominal limit) and 1000 (wrong): the pace learns; with
+    and without the burst allowed after a quiet spell (TWENTY_RATE_BURST)."""
     other = Redis.from_url(redis_url)
     try:
-        outcome = await backlog([redis, other], rate_limit=configured)
+        outcome = await backlog([redis, other], rate_limit=configured, burst=burst)
     finally:
         await other.aclose()
     assert outcome["gave_up"] == 0

@@ -328,3 +328,36 @@ async def test_a_repeat_that_adds_nothing_does_not_push_again(
     await drain(res)
     await post_lead(api, first_name="Someone Else", email="ADA@example.com")  # nothing new: first_name is kept
     assert (await api.get(f"/leads/{lead_id}")).json()["crm_synced"] is True
+
+
+async def test_a_round_slower_than_its_lease_keeps_its_leads(
+    twenty_settings: Settings, db: asyncpg.Pool, redis: Redis
+) -> None:
+    """The lease is short (a killed worker's leads come back soon) and a live round renews it, however long its
+    calls wait: a second loop never pushes the same lead meanwhile."""
+    await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('slow', 'slow@example.com', 't')")
+    entered, release = asyncio.Event(), asyncio.Event()
+    twenty = FakeTwenty()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        entered.set()
+        await release.wait()
+        return twenty._batch(request)
+
+    short = twenty_settings.model_copy(update={"sync_lease_s": 0.6})
+    async with open_resources(short) as res:
+        with respx.mock(assert_all_called=False) as router:
+            router.post(f"{BASE_URL}/batch/people").mock(side_effect=slow)
+            twenty.install(router)
+            first = asyncio.create_task(drain_loop.sync_leads(res))
+            await entered.wait()
+            for _ in range(4):  # well past the lease: still renewed
+                await asyncio.sleep(0.3)
+                async with db.acquire() as conn:
+                    assert await store.claim_unsynced(conn, limit=10, lease_s=0.6) == []
+            release.set()
+            pushed, outage = await first
+    assert outage is None
+    assert pushed is not None
+    assert pushed.synced.keys() == {"slow"}
+    assert twenty.calls["batch"] == 1
