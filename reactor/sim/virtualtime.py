@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-STALL_S = 0.2  # real seconds without progress after which the callers not asleep are taken to be blocked
+STALL_S = 1.0  # real seconds without progress after which the callers not asleep are taken to be blocked
 
 
 class VirtualTime:
