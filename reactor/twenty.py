@@ -519,6 +519,8 @@ class TwentyClient:
         return created
 
     async def _with_target_person_field(self, write: Callable[[str], Any]) -> Any:
+        """`write(field)` with the person field this server has; refused for that very field name, learn the
+        other name and write once more (the write is an upsert on reactor's ids, or a create that did nothing)."""
         field = await self.task_target_person_field()
         try:
             return await write(field)

@@ -4,12 +4,10 @@ virtual time, a 400-lead backlog against the simulator's copy of Twenty's legacy
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import itertools
 import random
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,53 +16,14 @@ from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
 from reactor.devstack import free_port
-from reactor.ratelimit import AdaptiveRateLimit, Permit, RateLimitUnavailable
+from reactor.ratelimit import AdaptiveRateLimit, Limiter, Permit, RateLimitUnavailable
 from reactor.sim import Knobs, create_sim
+from reactor.sim.virtualtime import Latency, VirtualTime
 from reactor.twenty import TaskInput, TwentyClient, TwentyUnavailable
 
 pytestmark = pytest.mark.anyio
 
 KEY = "reactor:test-pace"
-
-
-class VirtualTime:
-    """A clock that moves only when every simulated caller is asleep: it jumps to the earliest wake-up. Real
-    Redis calls and ASGI calls happen in no virtual time, so minutes of traffic run in a second or two."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = 0
-        self._changed = asyncio.Event()
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._seq += 1
-        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), self._seq, future))
-        self._changed.set()
-        await future
-
-    async def run(self, callers: list[Coroutine[Any, Any, None]]) -> None:
-        tasks = [asyncio.create_task(caller) for caller in callers]
-        for task in tasks:
-            task.add_done_callback(lambda _: self._changed.set())
-        while True:
-            alive = [task for task in tasks if not task.done()]
-            if not alive:
-                break
-            if len(self._sleepers) < len(alive):  # someone is still running (in Redis, in the simulator)
-                self._changed.clear()
-                await self._changed.wait()
-                continue
-            wake, _, future = heapq.heappop(self._sleepers)
-            self.now = max(self.now, wake)
-            future.set_result(None)
-            await asyncio.sleep(0)
-        for task in tasks:
-            task.result()  # raise what a caller raised
 
 
 def pace(redis: Redis, time: VirtualTime, *, limit: int = 100, window_s: float = 60, **options: Any
@@ -185,7 +144,9 @@ async def test_a_slot_booked_before_a_cut_is_booked_again_at_the_new_pace(redis:
         await limiter.slow_down(first, None)  # the first call came back 429 while the waiter slept
 
     await vt.run([waiter(), refused()])
-    assert order == [("waiter", pytest.approx(0.3 + 1.6))]
+    [(who, when)] = order
+    assert who == "waiter"
+    assert when == pytest.approx(0.3 + 1.6)
 
 
 async def test_the_state_expires_after_ten_idle_windows(redis: Redis) -> None:
@@ -207,23 +168,23 @@ async def test_redis_down_is_unavailable_at_once() -> None:
 # -- a 400-lead backlog against Twenty's legacy throttler, in virtual time ----------------------------------
 
 
-class Latency(httpx.AsyncBaseTransport):
-    """Loopback latency (10-31 ms, recorded/latency.json) plus an event loop running late by up to 60 ms on a
-    busy host, on the way to the simulator; in virtual time."""
+def adaptive(rate_limit: int, **options: Any) -> Callable[[Redis, VirtualTime], Limiter]:
+    """reactor's pace as the composition root builds it, on virtual time."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, time: VirtualTime, rng: random.Random) -> None:
-        self._inner, self._time, self._rng = inner, time, rng
+    def make(redis: Redis, time: VirtualTime) -> Limiter:
+        return AdaptiveRateLimit(redis, key=KEY, limit=rate_limit, window_s=60, clock=time.clock, sleep=time.sleep,
+                                 max_wait_s=600, **options)  # fmt: skip
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        await self._time.sleep(self._rng.uniform(0, 0.06) + self._rng.uniform(0.01, 0.031))
-        return await self._inner.handle_async_request(request)
+    return make
 
 
 async def backlog(
-    redis_clients: list[Redis], *, rate_limit: int, leads: int = 400, seed: int = 1, **pace_options: Any
-) -> Counter[str]:
+    redis_clients: list[Redis], make_limiter: Callable[[Redis, VirtualTime], Limiter], *, leads: int = 400,
+    seed: int = 1,
+) -> Counter[str]:  # fmt: skip
     """What reactor's follow-ups cost for `leads` people after their batch sync: a task and its target each, by
-    two worker processes of ten jobs, against a simulated Twenty that accepts about 79 calls a minute."""
+    one worker process of ten jobs per Redis client, against a simulated Twenty (the legacy throttler, nominally
+    100 a minute) that accepts about 79 calls a minute under load. bench/ratelimit.py runs it by hand."""
     time, rng = VirtualTime(), random.Random(seed)
     sim = create_sim(token="t", members=0, knobs=Knobs(rate_limit=100), legacy_task_targets=True, clock=time.clock)
     work = list(range(leads))
@@ -232,12 +193,10 @@ async def backlog(
         transport = Latency(httpx.ASGITransport(app=manager.app), time, rng)
         clients = []
         for redis in redis_clients:
-            limiter = AdaptiveRateLimit(redis, key=KEY, limit=rate_limit, window_s=60, clock=time.clock,
-                                        sleep=time.sleep, max_wait_s=600, **pace_options)  # fmt: skip
+            limiter = make_limiter(redis, time)
             http = httpx.AsyncClient(transport=transport, base_url="http://sim/rest",
                                      headers={"Authorization": "Bearer t"})  # fmt: skip
-            clients.append((http, TwentyClient(http, limiter=limiter, sleep=time.sleep,
-                                               min_rate_limited_wait_s=limiter.token_interval_s)))  # fmt: skip
+            clients.append((http, TwentyClient(http, limiter=limiter, sleep=time.sleep)))
 
         async def job_slot(twenty: TwentyClient) -> None:
             while work:
@@ -254,7 +213,7 @@ async def backlog(
         calls = sim.state.calls
     outcome["calls"] = sum(n for name, n in calls.items() if name.startswith(("GET ", "POST ")))
     outcome["429"] = calls["429"]
-    outcome["minutes"] = round(time.now / 60)
+    outcome["seconds"] = round(time.now)
     return outcome
 
 
@@ -266,7 +225,7 @@ async def test_a_backlog_meets_under_two_percent_429s_whatever_the_configured_li
     and without the burst allowed after a quiet spell (TWENTY_RATE_BURST)."""
     other = Redis.from_url(redis_url)
     try:
-        outcome = await backlog([redis, other], rate_limit=configured, burst=burst)
+        outcome = await backlog([redis, other], adaptive(configured, burst=burst))
     finally:
         await other.aclose()
     assert outcome["gave_up"] == 0
@@ -277,5 +236,5 @@ async def test_a_backlog_meets_under_two_percent_429s_whatever_the_configured_li
 async def test_the_old_full_bucket_met_many_429s(redis: Redis, redis_url: str) -> None:
     """The measure is not trivially met: pacing at the nominal limit, as before, meets the legacy throttler's
     lost fractions (here a pace that is never cut: the ceiling at 100 a minute, no learning)."""
-    outcome = await backlog([redis], rate_limit=100, leads=150, safe_share=1.0, cut_factor=1.0)
+    outcome = await backlog([redis], adaptive(100, safe_share=1.0, cut_factor=1.0), leads=150)
     assert outcome["429"] / outcome["calls"] > 0.02, outcome

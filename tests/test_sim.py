@@ -13,6 +13,7 @@ from asgi_lifespan import LifespanManager
 
 from reactor.sim import DeliveryKnobs, Knobs, create_sim
 from reactor.sim.filters import FilterError, parse
+from reactor.sim.throttle import LegacyThrottle
 from reactor.twenty import PersonInput, TaskInput, TwentyClient, TwentyRejected, TwentyUnavailable
 from reactor.webhooks import parse_event, verify
 
@@ -172,3 +173,26 @@ def test_the_filter_parser_follows_twentys_rules() -> None:
     assert unassigned({"assigneeId": None})
     with pytest.raises(FilterError, match="close bracket is missing"):
         parse("and(status[eq]:TODO", fields)
+
+
+def test_the_legacy_throttler_loses_the_fraction_on_every_accepted_call() -> None:
+    """As throttler.service.ts: whole tokens, floor(elapsed x rate), lastRefillAt reset on accept (not on refusal)."""
+    now = [0.0]
+    throttle = LegacyThrottle(lambda: now[0])
+    for _ in range(100):  # one every 12 ms: the short (per-second) bucket keeps up, the long one is spent
+        now[0] += 0.012
+        assert throttle.take(100, 60) is None
+    now[0] += 0.012
+    assert throttle.take(100, 60) == "Limit reached (100 tokens per 60000 ms)"
+    last = now[0] - 0.012
+    now[0] = last + 0.599
+    assert throttle.take(100, 60) is not None  # 599 ms after the last accepted call: floor(0.998) = 0
+    now[0] = last + 0.601
+    assert throttle.take(100, 60) is None  # one token earned and spent; the clock restarts here
+    now[0] += 0.599
+    assert throttle.take(100, 60) is not None
+    accepted = 0
+    for _ in range(120):  # a call every 500 ms for a minute: each accepted one restarts the clock
+        now[0] += 0.5
+        accepted += throttle.take(100, 60) is None
+    assert accepted == 60  # every other call: 60 a minute, not the nominal 100 (or the 120 asked)
