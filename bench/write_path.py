@@ -233,10 +233,12 @@ async def backlog(design: Design, pg_url: str, count: int, cap_s: float) -> dict
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    designs = [
-        Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs),
-        Design("this-tree", ROOT, logs=logs),
-    ]
+    current = (
+        Design(f"this-{args.current}", checkout(args.current), logs=logs)
+        if args.current
+        else Design("this-tree", ROOT, logs=logs)
+    )
+    designs = [Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs), current]
     report: dict[str, Any] = {"machine": machine(), "twenty_latency_ms": 20, "members": MEMBERS}
     with servers() as (pg, _rd):
         for design in designs:
@@ -251,6 +253,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="7f6dbc9", help="the revision of the design to compare with")
+    parser.add_argument("--current", help="a revision to run as the new design (default: this working tree)")
     parser.add_argument("--leads", type=int, default=300)
     parser.add_argument("--burst-cap-s", type=float, default=600)
     parser.add_argument("--backlog", type=int, default=10_000)

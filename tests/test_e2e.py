@@ -143,7 +143,9 @@ async def sim_state(stack: Stack) -> dict[str, Any]:
 
 
 async def until(check: Any, stack: Stack, timeout_s: float = 60, db: asyncpg.Pool | None = None) -> None:
-    for _ in range(int(timeout_s * 4)):
+    """Poll `check` until it is true; past the deadline, fail with what the database and the processes show."""
+    deadline = anyio.current_time() + timeout_s
+    while anyio.current_time() < deadline:
         if await check():
             return
         await asyncio.sleep(0.25)
@@ -177,6 +179,37 @@ async def assert_invariants(
     assert json.loads(check.stdout)["drift"] == {}
 
 
+async def cache_matches_truth(stack: Stack) -> bool:
+    """`reactor reconcile --check`: the load cache equals the simulator's open tasks, i.e. every task webhook the
+    simulator sent has landed and been applied (the simulator counts a delivery once reactor has answered it)."""
+    check = await anyio.run_process([sys.executable, "-m", "reactor", "reconcile", "--check", "--json"],
+                                    env=stack.env, cwd=ROOT, check=False)  # fmt: skip
+    return check.returncode == 0 and json.loads(check.stdout)["drift"] == {}
+
+
+async def calls_answered(stack: Stack, status: str) -> int:
+    async with httpx.AsyncClient(timeout=5) as http:
+        calls: dict[str, int] = (await http.get(f"{stack.sim_url}/sim/state")).json()["calls"]
+    return calls.get(status, 0)
+
+
+async def redis_answers(stack: Stack) -> bool:
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    client = Redis.from_url(stack.env["REDIS_URL"], socket_connect_timeout=1)
+    try:
+        return bool(await client.ping())
+    except (OSError, RedisError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def _more(count: Any, than: int) -> bool:
+    return bool(await count > than)
+
+
 async def all_synced(db: asyncpg.Pool, lead_ids: set[str]) -> bool:
     synced = await db.fetchval("SELECT count(*) FROM leads WHERE crm_synced AND lead_id = ANY($1)", list(lead_ids))
     return bool(synced == len(lead_ids))
@@ -194,7 +227,7 @@ async def test_happy_path_two_hundred_leads_with_duplicates(stack: Stack, db: as
     lead_ids = await post_all(stack, leads)
     assert len(lead_ids) == 150
     await until(lambda: settled(stack, db, lead_ids), stack)
-    await asyncio.sleep(1)  # the last webhooks land
+    await until(lambda: cache_matches_truth(stack), stack, timeout_s=30)  # the last task webhooks have landed
     await assert_invariants(stack, db, lead_ids, 150)
 
 
@@ -206,11 +239,13 @@ async def test_faults_then_reconcile_leave_the_same_invariants(stack: Stack, db:
         stack.stop("worker", signal.SIGKILL)  # killed mid-run
         await http.patch(f"{stack.sim_url}/sim/knobs", json={"rate_limit": 1})  # a 429 storm
         second = await post_all(stack, leads_with_repeats(40, 10, seed=2)[30:])
+        refused = await calls_answered(stack, "429")
         stack.start_worker()
-        await asyncio.sleep(2)
+        # The restarted worker is at work in the storm (refused again) before Redis dies under it.
+        await until(lambda: _more(calls_answered(stack, "429"), refused), stack, timeout_s=30)
         stack.stop("redis", signal.SIGKILL)  # Redis restarts empty: queue, cache and dedupe keys gone
         stack.start_redis()
-        await asyncio.sleep(1)
+        await until(lambda: redis_answers(stack), stack, timeout_s=30)
         await http.patch(f"{stack.sim_url}/sim/knobs", json={"rate_limit": None, "error_rate": 0.0, "drop_rate": 0.0,
                                                               "duplicate_rate": 0.0, "reorder_s": 0.0})  # fmt: skip
         state = await sim_state(stack)
@@ -222,7 +257,33 @@ async def test_faults_then_reconcile_leave_the_same_invariants(stack: Stack, db:
     reconcile = await anyio.run_process([sys.executable, "-m", "reactor", "reconcile", "--json"], env=stack.env,
                                         cwd=ROOT, check=False)  # fmt: skip
     assert reconcile.returncode == 0, reconcile.stderr.decode()
-    await asyncio.sleep(1)
+    # What reconcile created is followed by its webhooks: wait until they have landed, then look.
+    await until(lambda: settled(stack, db, lead_ids), stack, timeout_s=60, db=db)
+    await until(lambda: cache_matches_truth(stack), stack, timeout_s=30)
     distinct = len({lead["email"] for lead in leads_with_repeats(40, 10, seed=2)})
     # Loads within 1 even so: reservations are follow-up rows in PostgreSQL, which the Redis restart does not touch.
     await assert_invariants(stack, db, lead_ids, distinct)
+
+
+async def test_a_worker_killed_mid_round_has_its_work_done_within_a_minute(stack: Stack, db: asyncpg.Pool) -> None:
+    stack.stop("worker")
+    stack.env["SYNC_LEASE_S"] = "30"  # the default: what a killed worker's leases last
+    stack.start_worker()
+    async with httpx.AsyncClient(timeout=5) as http:
+        await http.patch(f"{stack.sim_url}/sim/knobs", json={"latency_s": 1.0})  # every round takes seconds
+        lead_ids = await post_all(stack, leads_with_repeats(20, 0, seed=3))
+
+        async def mid_round() -> bool:
+            leased = await db.fetchval("SELECT count(*) FROM leads WHERE sync_claimed_until > now()")
+            claimed = await db.fetchval("SELECT count(*) FROM follow_ups WHERE claimed_until > now()")
+            return bool(leased or claimed)
+
+        await until(mid_round, stack, timeout_s=30, db=db)
+        stack.stop("worker", signal.SIGKILL)
+        killed_at = asyncio.get_running_loop().time()
+        await http.patch(f"{stack.sim_url}/sim/knobs", json={"latency_s": 0.0})
+        stack.start_worker()
+    await until(lambda: settled(stack, db, lead_ids), stack, timeout_s=60, db=db)
+    assert asyncio.get_running_loop().time() - killed_at < 60
+    await until(lambda: cache_matches_truth(stack), stack, timeout_s=30)
+    await assert_invariants(stack, db, lead_ids, 20)

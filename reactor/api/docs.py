@@ -1,5 +1,5 @@
-"""GET /openapi.json, generated from the pydantic models, and GET /docs, Swagger UI served from a package
-(swagger-ui-bundle) so it works offline."""
+"""GET /openapi.json, generated from the pydantic models, and GET /docs, Swagger UI 5 (which reads OpenAPI 3.1)
+served from a package (swagger-ui-py) so it works offline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
+from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
 from reactor.models import LeadAccepted, LeadIn, LeadList, LeadPage
 from reactor.routing import Availability
@@ -265,12 +265,13 @@ def _operations_paths() -> dict[str, Any]:
     }  # fmt: skip
 
 
+SWAGGER_UI_ASSETS = SWAGGER_UI_PY_ROOT / "static"
 DOCS_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>reactor API</title>
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
 <body><div id="ui"></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", deepLinking: true});</script>
 </body></html>"""
 
 
@@ -286,5 +287,5 @@ def routes() -> list[Route | Mount]:
     return [
         Route("/openapi.json", openapi),
         Route("/docs", docs),
-        Mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets"),
+        Mount("/docs/assets", StaticFiles(directory=SWAGGER_UI_ASSETS), name="docs-assets"),
     ]
