@@ -177,10 +177,13 @@ async def measure(
             async with Redis.from_url(redis_url) as redis:
                 await redis.flushdb()
             await _truncate(database_url)
+            backends = await _backends(database_url)
             cpu_before = cpu_s(process.pid)
+            pg_before = sum(cpu_s(pid) for pid in backends)
             with _profiled(process.pid, args.duration, enabled=args.profile and kind != "ceiling") as profile:
                 load = await drive(base_url, key, args.duration, args.connections)
             cpu_used = cpu_s(process.pid) - cpu_before
+            pg_used = sum(cpu_s(pid) for pid in backends) - pg_before
             rss = rss_mib(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -200,6 +203,9 @@ async def measure(
         "p90_ms": round(float(load["p90_us"]) / 1000, 2),  # type: ignore[arg-type]
         "p99_ms": round(float(load["p99_us"]) / 1000, 2),  # type: ignore[arg-type]
         "web_cpu_ms_per_request": round(1000 * cpu_used / max(requests, 1), 3),
+        # The PostgreSQL backends serving the web process's pool (a local server only; a connection opened during
+        # the run is not counted): the database's side of each request.
+        "pg_cpu_ms_per_request": round(1000 * pg_used / max(requests, 1), 3),
         "requests": requests,
         "non_2xx": load["non_2xx"],
         "socket_errors": load["errors"],
@@ -211,6 +217,16 @@ async def measure(
     if profile:
         report["profile"] = profile
     return report
+
+
+async def _backends(database_url: str) -> list[int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                "AND pid <> pg_backend_pid()")  # fmt: skip
+    finally:
+        await conn.close()
+    return [row["pid"] for row in rows]
 
 
 async def _truncate(database_url: str) -> None:
