@@ -126,3 +126,53 @@ CREATE INDEX IF NOT EXISTS assignment_decisions_person ON assignment_decisions (
 ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS wait_until timestamptz;
 ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS task_version text;       -- the task's updatedAt after our last write
 ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS reassignments integer NOT NULL DEFAULT 0;
+
+-- The write path as state machines (issue 13). A follow-up row is the whole record of the follow-up: owed
+-- (`pending`: its assignee, once chosen, is the reservation), its task in Twenty (`created`), linked to the person
+-- (`open`), and `closed` (done or deleted) or `failed` (Twenty refused it). Task events move it, guarded by the
+-- task's version; the drain loop claims rows with a lease.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'follow_ups_state_v2') THEN
+        ALTER TABLE follow_ups DROP CONSTRAINT IF EXISTS follow_ups_state_check;
+        ALTER TABLE follow_ups ADD CONSTRAINT follow_ups_state_v2
+            CHECK (state IN ('pending', 'created', 'open', 'closed', 'failed'));
+    END IF;
+END $$;
+CREATE UNIQUE INDEX IF NOT EXISTS follow_ups_one_active ON follow_ups (person_id)
+    WHERE state IN ('pending', 'created', 'open');
+DROP INDEX IF EXISTS follow_ups_one_open;
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS task_status text;              -- as the last event or write said
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS event_version bigint NOT NULL DEFAULT 0;  -- task updatedAt, ms
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS claimed_until timestamptz;     -- a drain loop's lease
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0;
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS trigger text;                  -- what made it owed
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS person jsonb;                  -- the Person record, when known
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS assigned_at timestamptz;
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS sla_due_at timestamptz;        -- SLA re-assignment sweep
+ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS workspace text;                -- the Twenty workspace it belongs to
+CREATE INDEX IF NOT EXISTS follow_ups_drainable ON follow_ups (id) WHERE state IN ('pending', 'created');
+CREATE INDEX IF NOT EXISTS follow_ups_active_assignee ON follow_ups (assignee_id)
+    WHERE state IN ('pending', 'created', 'open');
+CREATE INDEX IF NOT EXISTS follow_ups_sla_due ON follow_ups (sla_due_at) WHERE state = 'open';
+
+-- A lead owes its person an active follow-up after each submission (last_seen_at): the drain checks once per
+-- submission and records when. Leads from before this column are taken as checked.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_name = 'leads' AND column_name = 'follow_up_checked_at') THEN
+        ALTER TABLE leads ADD COLUMN follow_up_checked_at timestamptz;
+        UPDATE leads SET follow_up_checked_at = last_seen_at WHERE crm_synced;
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS leads_follow_up_due ON leads (seq)
+    WHERE crm_synced AND crm_person_id IS NOT NULL AND NOT suppressed
+      AND (follow_up_checked_at IS NULL OR follow_up_checked_at < last_seen_at);
+
+-- Facts reactor keeps about its Twenty workspace, e.g. when its webhook subscription was installed.
+CREATE TABLE IF NOT EXISTS reactor_facts (
+    key         text PRIMARY KEY,
+    value       text NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);

@@ -141,7 +141,7 @@ async def reactor_latency(settings: Settings, webhooks: int, members: int) -> di
     with respx.mock(assert_all_called=False) as router:
         router.route(url__startswith=TWENTY).mock(side_effect=mock)
         async with open_resources(settings) as res, LifespanManager(create_app(settings)) as manager:
-            worker = worker_module.build_worker(res, sweep=False)
+            worker = worker_module.build_worker(res)
             running = asyncio.create_task(worker.async_run())
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://r") as app:
                 for person_id in people:

@@ -16,13 +16,15 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, scratch_redis_url, servers
+from bench.common import machine, scratch_database, scratch_redis_url, servers
 from reactor.assignees import rebuild_loads
+from reactor.db import create_pool
 from reactor.loadcache import LoadCache
 from reactor.settings import load_settings
 from reactor.twenty import TwentyClient, create_http_client
@@ -46,22 +48,22 @@ def tasks_mock(count: int) -> tuple[Any, dict[str, int]]:
     return serve, calls
 
 
-async def one(count: int, redis_url: str) -> dict[str, Any]:
+async def one(count: int, redis_url: str, db: asyncpg.Pool) -> dict[str, Any]:
     settings = load_settings(None, LEAD_API_KEYS="b:b", LOG_LEVEL="WARNING")
     async with Redis.from_url(redis_url) as redis:
         await redis.flushdb()
-        cache = LoadCache(redis, load_statuses=["TODO"])
+        cache = LoadCache(redis, load_statuses=["TODO"], workspace="bench")
         serve, calls = tasks_mock(count)
         # httpx's MockTransport keeps nothing per call (respx records every call, which would grow the heap).
         async with create_http_client(TWENTY, "bench", transport=httpx.MockTransport(serve)) as http:
             twenty = TwentyClient(http)
             tracemalloc.start()
             started = time.perf_counter()
-            rebuilt = await rebuild_loads(twenty, cache, settings)
+            rebuilt = await rebuild_loads(twenty, cache, db, settings)
             elapsed = time.perf_counter() - started
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-        redis_bytes = await redis.memory_usage("reactor:load:tasks") or 0
+        redis_bytes = (await redis.info("memory"))["used_memory_dataset"]
         await redis.flushdb()
     return {
         "open_tasks": sum(rebuilt.after.values()),
@@ -69,14 +71,19 @@ async def one(count: int, redis_url: str) -> dict[str, Any]:
         "list_calls": calls["list"],
         "seconds": round(elapsed, 2),
         "python_heap_peak_mib": round(peak / 2**20, 2),
-        "redis_task_hash_mib": round(redis_bytes / 2**20, 2),
+        "redis_dataset_mib": round(redis_bytes / 2**20, 2),
     }
 
 
 async def run(sizes: list[int]) -> dict[str, Any]:
-    with servers() as (_pg, rd):
+    with servers() as (pg, rd):
         redis_url = scratch_redis_url(rd.url)
-        return {"machine": machine(), "runs": [await one(n, redis_url) for n in sizes]}
+        async with scratch_database(pg.url) as database_url:
+            db = await create_pool(database_url, size=2)
+            try:
+                return {"machine": machine(), "runs": [await one(n, redis_url, db) for n in sizes]}
+            finally:
+                await db.close()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from reactor import sync
 from reactor.resources import open_resources
 from reactor.settings import load_settings
 from reactor.twenty import PersonInput, TwentyClient
-from reactor.worker import sync_options
 
 TWENTY = "http://twenty.bench/rest"
 LATENCY_S = 0.05
@@ -108,7 +107,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async with open_resources(settings) as res:
                     assert res.twenty is not None
                     started = time.perf_counter()
-                    result = await sync.sync_backlog(res.db, res.twenty, sync_options(settings))
+                    result = await sync.sync_backlog(res.db, res.twenty, sync.SyncOptions.from_settings(settings))
                     elapsed = time.perf_counter() - started
             report["batch"] = {
                 "synced": len(result.synced),

@@ -4,23 +4,46 @@ resources (one PostgreSQL pool, one Redis client) and closes them at shutdown. N
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
+import anyio
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reactor import logs
 from reactor.api import dashboard, docs, jobs, leads, members, ops, reconcile, webhooks
-from reactor.errors import EXCEPTION_HANDLERS
+from reactor.errors import (
+    EXCEPTION_HANDLERS,
+    InvalidInput,
+    ReactorError,
+    RequestTimeout,
+    ServiceUnavailable,
+    error_response,
+    unexpected_error,
+)
 from reactor.resources import open_resources
 from reactor.settings import Settings
 
+log = logging.getLogger("reactor.app")
 
-def create_app(settings: Settings) -> Starlette:
+
+@dataclass(frozen=True)
+class Limits:
+    """Deadlines the app enforces itself; the server's own limits are in reactor.server."""
+
+    body_timeout_s: float = 10.0  # from the request's head to its body's last byte (a slow-body client)
+    request_timeout_s: float = 30.0  # the whole answer; PostgreSQL's command timeout (10 s) normally comes first
+
+
+def create_app(settings: Settings, limits: Limits | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with open_resources(settings) as resources:
@@ -38,7 +61,7 @@ def create_app(settings: Settings) -> Starlette:
             *dashboard.routes,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestId)],
+        middleware=[Middleware(RequestId), Middleware(Guard, limits=limits or Limits())],
         lifespan=lifespan,
     )
 
@@ -66,3 +89,74 @@ class RequestId:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.request_id.reset(token)
+
+
+def _nul_in_url(scope: Scope) -> str | None:
+    """The part of the URL that decodes to a NUL (which PostgreSQL cannot store), or None."""
+    if "\x00" in scope["path"]:
+        return "(path)"
+    query = scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return name.replace("\x00", "\\0") or "(query)"
+    return None
+
+
+class Guard:
+    """Inside RequestId, so each of these lines carries the request's id: refuses URLs that decode to a NUL,
+    bounds the time to receive the body and to answer, answers an outage with 503 (a bug with 500, logged once),
+    and takes a client that hangs up as routine (info), not as an error."""
+
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        if (field := _nul_in_url(scope)) is not None:
+            await error_response(InvalidInput.field(field, "contains a NUL character (U+0000)"))(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        try:
+            with anyio.move_on_after(self.limits.request_timeout_s) as deadline:
+                await self.app(scope, self._body_deadline(receive), send_watched)
+        except ClientDisconnect:
+            log.info("request.client_disconnected method=%s path=%s", method, path)
+            return
+        except Exception as exc:
+            if started:  # too late to answer: the status line is out
+                log.error("request.failed_mid_response method=%s path=%s", method, path, exc_info=exc)
+                return
+            response = error_response(exc) if isinstance(exc, ReactorError) else unexpected_error(exc, method, path)
+            await response(scope, receive, send)
+            return
+        if deadline.cancelled_caught:
+            log.warning("request.timeout method=%s path=%s after_s=%s", method, path, self.limits.request_timeout_s)
+            if not started:
+                timeout = ServiceUnavailable(f"no answer within {self.limits.request_timeout_s:g} s; retry later")
+                await error_response(timeout)(scope, receive, send)
+
+    def _body_deadline(self, receive: Receive) -> Receive:
+        give_up_at = anyio.current_time() + self.limits.body_timeout_s
+        body_done = False
+
+        async def receive_in_time() -> Message:
+            nonlocal body_done
+            if body_done:  # later reads wait for a disconnect, which may rightly take any time
+                return await receive()
+            with anyio.move_on_after(give_up_at - anyio.current_time()):
+                message = await receive()
+                body_done = message["type"] != "http.request" or not message.get("more_body", False)
+                return message
+            raise RequestTimeout(f"the body did not arrive within {self.limits.body_timeout_s:g} s")
+
+        return receive_in_time

@@ -29,6 +29,7 @@ def run_web(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from reactor.app import create_app
+    from reactor.server import SERVER_LIMITS
 
     config = uvicorn.Config(
         create_app(settings),
@@ -39,6 +40,7 @@ def run_web(settings: Settings, host: str, port: int) -> None:
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers go through reactor's handler (JSON, request ids, masking)
         timeout_graceful_shutdown=20,
+        **SERVER_LIMITS,
     )
     uvicorn.Server(config).run()
 
@@ -123,7 +125,8 @@ async def _webhook(settings: Settings, action: str, url: str | None) -> int:
                 if subscription.is_private(url):
                     print(
                         "\nwarning: this address is private or loopback. A self-hosted Twenty refuses to call it"
-                        " unless OUTBOUND_HTTP_ALLOWED_INTERNAL_HOSTS (on its server and worker) lists the host."
+                        " unless, on its server and worker, OUTBOUND_HTTP_ALLOWED_INTERNAL_HOSTS lists the host"
+                        " (newer servers) or OUTBOUND_HTTP_SAFE_MODE_ENABLED=false (older ones, up to 1.16)."
                     )
                 return 0
             hooks = await twenty.list_webhooks()
@@ -151,6 +154,8 @@ async def _reconcile(settings: Settings, *, dry_run: bool, check: bool, as_json:
     import json
     import uuid
 
+    from redis.exceptions import RedisError
+
     from reactor import reconcile
     from reactor.resources import open_resources
     from reactor.twenty import TwentyError, TwentyUnavailable
@@ -158,7 +163,14 @@ async def _reconcile(settings: Settings, *, dry_run: bool, check: bool, as_json:
     async with open_resources(settings) as res:
         try:
             if check:
-                loads = await reconcile.check(res)
+                try:
+                    loads = await reconcile.check(res)
+                except (TwentyError, RedisError, OSError) as exc:
+                    # 2, not 1: nothing is known about drift. One line, for a cron mail or a probe's log.
+                    where = "Twenty" if isinstance(exc, TwentyError) else "Redis"
+                    reason = " ".join(str(exc).split()) or type(exc).__name__
+                    print(f"reactor: reconcile --check: {where} could not be asked: {reason}", file=sys.stderr)
+                    return 2
                 drift = {m: d for m, d in loads.items() if d["cached"] != d["true"]}
                 if as_json:
                     print(json.dumps({"loads": loads, "drift": drift}))
@@ -267,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--id", type=int, help="only this dead letter (its id in GET /jobs/failed)")
     reconcile = commands.add_parser("reconcile", help="repair what events missed, and report the drift")
     reconcile.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
-    reconcile.add_argument("--check", action="store_true", help="only compare loads (one Twenty call); exit 1 on drift")
+    reconcile.add_argument("--check", action="store_true", help="compare loads only: exit 0 clean, 1 drift, 2 unknown")
     reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
     link = commands.add_parser("dashboard-link", help="print a sign-in link to the dashboard (GET /)")
     link.add_argument("--url", default="http://127.0.0.1:8000", help="where reactor's web process is reached")
@@ -291,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duplicate-rate", type=float, default=0.0, help="share of webhook deliveries sent twice")
     sim.add_argument("--reorder-ms", type=float, default=0.0, help="deliveries wait a random 0..N ms (reordering)")
     sim.add_argument("--seed", type=int, default=None, help="seed of the fault randomness")
-    sim.add_argument("--legacy-task-targets", action="store_true", help="personId, as Twenty before 1.17")
+    sim.add_argument("--legacy-task-targets", action="store_true", help="answer as the 1.16-era server (personId, …)")
     dev = commands.add_parser("dev", help="run everything locally: databases, simulated Twenty, web and worker")
     dev.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000), help="the web port")
     dev.add_argument("--reset", action="store_true", help="start from empty: forget the last run's leads and caches")

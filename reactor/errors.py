@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from reactor import outages
+
 log = logging.getLogger("reactor.errors")
 
 
@@ -47,7 +49,13 @@ class NotConfigured(ReactorError):
 
 
 class ServiceUnavailable(ReactorError):
+    """503 with Retry-After: PostgreSQL or Redis is down (reactor.outages decides), or the request ran too long."""
+
     status, code = 503, "unavailable"
+
+
+class RequestTimeout(ReactorError):
+    status, code = 408, "request_timeout"
 
 
 class LeadNotFound(ReactorError):
@@ -93,10 +101,20 @@ def _render(status: int, code: str, detail: Any, headers: dict[str, str] | None 
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+def error_response(exc: ReactorError) -> JSONResponse:
+    headers = None
+    if isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": 'Bearer realm="reactor"'}
+    elif isinstance(exc, ServiceUnavailable):
+        headers = {"Retry-After": str(outages.RETRY_AFTER_S)}
+    elif isinstance(exc, RequestTimeout):
+        headers = {"Connection": "close"}
+    return _render(exc.status, exc.code, exc.detail, headers)
+
+
 async def reactor_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ReactorError)
-    headers = {"WWW-Authenticate": 'Bearer realm="reactor"'} if isinstance(exc, Unauthenticated) else None
-    return _render(exc.status, exc.code, exc.detail, headers)
+    return error_response(exc)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -105,13 +123,21 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return _render(exc.status_code, code, exc.detail, dict(exc.headers or {}))
 
 
-async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("request.failed path=%s", request.url.path)
+def unexpected_error(exc: BaseException, method: str, path: str) -> JSONResponse:
+    """The answer to an exception no route handled: a 503 when it is an outage (logged as a warning, without a
+    traceback), else a 500 logged once, with its traceback, on a line that carries the request id."""
+    dependency = outages.unavailable(exc)
+    if dependency is not None:
+        log.warning("request.unavailable method=%s path=%s dependency=%s error=%s", method, path,
+                    dependency.value, type(exc).__name__)  # fmt: skip
+        return error_response(ServiceUnavailable(outages.describe(dependency, exc)))
+    log.error("request.failed method=%s path=%s error=%s", method, path, type(exc).__name__, exc_info=exc)
     return _render(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
+# No handler for Exception here: Starlette would run it outside the request-id middleware and then re-raise, so
+# the 500 was logged twice and without its request id. reactor.app.Guard answers those instead.
 EXCEPTION_HANDLERS = {
     ReactorError: reactor_error,
     HTTPException: http_error,
-    Exception: unexpected_error,
 }

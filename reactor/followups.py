@@ -1,37 +1,47 @@
-"""Follow-up tasks: one open follow-up per person, written by the LLM (or the template), assigned from the load
-cache, created in Twenty and linked to the person.
+"""Follow-up tasks: the work the drain loop does on the follow-up rows it claimed, a batch at a time, and the SLA
+sweep. One follow-up per person, written by the LLM (or the template), assigned with no CRM call, created in
+Twenty and linked to the person.
 
-Exactly one, however the triggers race (duplicate webhooks, a lead's sync, a backfill): the person's slot is a
-row in `follow_ups` under a partial unique index, taken before Twenty is called. The task's id is chosen with that
-row and sent to Twenty with `upsert=true`, so a worker that dies after Twenty created the task but before the row
-says so is repaired by the retry upserting the same task, not by a second task.
+A batch costs at most: one people look-up (only for rows owed without the Person record), one `POST /batch/tasks`
+and one `POST /batch/taskTargets`. Every step is recorded on the rows before the next, and every record's id was
+chosen with its row, so a crash or an outage anywhere is finished by the next claim (same ids, upserted), with no
+second task and no orphan: a row stays `created` until its link exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
-import uuid
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import httpx
-from arq.connections import ArqRedis
 
-from reactor import assignees, jobs, store
+from reactor import assignees, followup_store, lifecycle
 from reactor import copywriter as llm
-from reactor.loadcache import LoadCache, TaskState, to_ms
+from reactor import store as lead_store
+from reactor.loadcache import LoadCache, to_ms
 from reactor.settings import Settings
-from reactor.twenty import Person, Task, TaskInput, TwentyClient, TwentyError, TwentyRejected
+from reactor.twenty import (
+    Person,
+    Task,
+    TaskInput,
+    TwentyClient,
+    TwentyRejected,
+    TwentyUnavailable,
+    one_of,
+)
 
 log = logging.getLogger("reactor.followups")
 
 LLM_CONCURRENCY = 4
-WAIT_FOR_MEMBER_S = 300  # when nobody is available, the follow-up is tried again this much later (by the sweep)
-TRUST_OPEN_S = 600  # a follow-up opened this recently is taken as open without asking Twenty
+WAIT_FOR_MEMBER_S = 300  # nobody available: the row is looked at again this much later
+ID_CHUNK = 100  # ids per `id[in]` look-up: keeps the URL short
 LEAD_CONTEXT = ("employer", "employment_status", "years_employed", "salary_min", "salary_max", "current_credit",
                 "vehicle_make", "vehicle_model", "vehicle_year", "source", "utm_campaign")  # fmt: skip
 
@@ -43,7 +53,6 @@ class FollowUpDeps:
     cache: LoadCache
     llm_http: httpx.AsyncClient
     settings: Settings
-    queue: ArqRedis  # for the SLA checks
 
     @property
     def llm_config(self) -> llm.LlmConfig:
@@ -53,29 +62,17 @@ class FollowUpDeps:
 
 
 @dataclass
-class Outcome:
-    person_id: str
-    status: str  # created | exists | person_gone | failed
-    task_id: str | None = None
-    assignee_id: str | None = None
-    llm_used: bool = False
-    error: str | None = None
+class Worked:
+    """What one batch did."""
+
+    opened: list[str] = field(default_factory=list)  # task ids linked and open
+    failed: dict[str, str] = field(default_factory=dict)  # person id -> why (Twenty refused, person gone)
+    waiting: int = 0
+    unavailable: TwentyUnavailable | None = None  # Twenty could not be asked: the rest waits for a retry
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-@dataclass
-class BatchOutcome:
-    created: list[Outcome] = field(default_factory=list)
-    failed: list[Outcome] = field(default_factory=list)
-    skipped: int = 0
-    waiting: int = 0  # nobody was available: tried again later
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"created": len(self.created), "failed": len(self.failed), "skipped": self.skipped,
-                "waiting": self.waiting,
-                "details": [o.as_dict() for o in [*self.created, *self.failed]]}  # fmt: skip
+        return {"opened": len(self.opened), "failed": len(self.failed), "waiting": self.waiting,
+                "unavailable": str(self.unavailable) if self.unavailable else None}  # fmt: skip
 
 
 def title(person: Person) -> str:
@@ -87,120 +84,91 @@ def full_name(person: Person) -> str:
     return name or person.email or "new lead"
 
 
-async def create_follow_up(
-    deps: FollowUpDeps, person_id: str, *, person: Person | None = None, resume: bool = False
-) -> Outcome:
-    """The person's follow-up: created, or `exists` when an open one is already there (a returning lead whose
-    last follow-up is done gets a new one). `resume`: finish a pending one however young (reconcile).
-    Raises TwentyUnavailable for the job to retry."""
-    for _ in range(2):
-        task_id, target_id = str(uuid.uuid4()), str(uuid.uuid4())
+async def work(deps: FollowUpDeps, rows: Sequence[asyncpg.Record]) -> Worked:
+    """Take claimed rows as far as they can go: assigned, written, created, linked. Never raises for Twenty:
+    when it cannot be asked, the rows not yet done keep their state and are backed off (`unavailable` says so)."""
+    done = Worked()
+    claimed = [dict(r) for r in rows]
+    try:
+        await assignees.ensure_ready(deps.twenty, deps.cache, deps.db, deps.settings)
+    except TwentyUnavailable as exc:
+        await _back_off(deps, claimed, exc)
+        done.unavailable = exc
+        return done
+    pending = [r for r in claimed if r["state"] == "pending"]
+    linking = [r for r in claimed if r["state"] == "created"]
+    try:
+        pending = await _assign(deps, pending, done)
+        pending = await _with_people(deps, pending, done)
+        created = await _create_tasks(deps, pending, done)
+        await _link(deps, [*linking, *created], done)
+    except TwentyUnavailable as exc:
+        async with deps.db.acquire() as conn:  # what was recorded stays; the rest is retried later
+            fresh = await conn.fetch("SELECT * FROM follow_ups WHERE id = ANY($1::bigint[]) AND state IN "
+                                     "('pending', 'created')", [r["id"] for r in claimed])  # fmt: skip
+        await _back_off(deps, [dict(r) for r in fresh], exc)
+        done.unavailable = exc
+    return done
+
+
+async def _assign(deps: FollowUpDeps, rows: list[dict[str, Any]], done: Worked) -> list[dict[str, Any]]:
+    """Decide availability before anything is fetched: rows nobody can take wait, at no CRM cost."""
+    need = [r for r in rows if r["assignee_id"] is None]
+    assigned = await assignees.assign(deps.cache, deps.db, deps.settings, need) if need else None
+    if assigned and assigned.waiting:
         async with deps.db.acquire() as conn:
-            taken = await store.begin_follow_up(conn, person_id, task_id=task_id, target_id=target_id)
-            current = None if taken is not None else await store.current_follow_up(conn, person_id)
-        if taken is not None:
-            return await _create(deps, dict(taken), person)
-        if current is None:
-            continue  # freed between the two statements: take it now
-        if current["state"] == "pending":
-            now = dt.datetime.now(dt.UTC)
-            waiting = current["wait_until"]
-            if waiting is not None and waiting > now:
-                return Outcome(person_id, "waiting", task_id=current["task_id"])
-            # A pending slot is another attempt in progress, unless it is old (its worker died) or its attempt
-            # failed (last_error): then resuming it, with the same ids and the same reservation, is safe.
-            young = (now - current["created_at"]).total_seconds() < store.STALE_PENDING_S
-            if waiting is None and young and current["last_error"] is None and not resume:
-                return Outcome(person_id, "exists", task_id=current["task_id"])
-            log.info("followup.resume person=%s task=%s (left pending)", person_id, current["task_id"])
-            return await _create(deps, dict(current), person)
-        opened = current["opened_at"]
-        recent = opened is not None and (dt.datetime.now(dt.UTC) - opened).total_seconds() < TRUST_OPEN_S
-        if recent or await _still_open(deps.twenty, current["task_id"]):
-            return Outcome(person_id, "exists", task_id=current["task_id"], assignee_id=current["assignee_id"])
-        async with deps.db.acquire() as conn:  # done or deleted while its event was lost: the slot is free
-            await store.close_follow_up(conn, current["task_id"])
-    return Outcome(person_id, "exists")
+            await followup_store.wait(conn, assigned.waiting, seconds=WAIT_FOR_MEMBER_S)
+        done.waiting += len(assigned.waiting)
+        log.info("followup.waiting rows=%d (nobody available; looked at again in %ds)", len(assigned.waiting),
+                 WAIT_FOR_MEMBER_S)  # fmt: skip
+    out = []
+    for row in rows:
+        record = dict(row)
+        if assigned and row["id"] in assigned.members:
+            record["assignee_id"] = assigned.members[row["id"]]
+        if record["assignee_id"] is not None:
+            out.append(record)
+    return out
 
 
-async def _still_open(twenty: TwentyClient, task_id: str) -> bool:
-    task = await twenty.get_task(task_id)
-    return task is not None and task.deleted_at is None and task.status != "DONE"
-
-
-async def _create(deps: FollowUpDeps, row: Mapping[str, Any], person: Person | None) -> Outcome:
-    person_id, task_id = row["person_id"], row["task_id"]
-    try:
-        person = person or await deps.twenty.get_person(person_id)
-    except TwentyError as exc:
-        await _note(deps, task_id, exc)
-        raise
-    if person is None or person.deleted_at is not None:
-        await _close(deps, task_id, "failed", "the person is not in Twenty (deleted?)")
-        return Outcome(person_id, "person_gone", task_id=task_id)
-    [task] = await _prepare(deps, [person], [task_id])
-    if task.waiting:
-        await _wait(deps, task_id)
-        return Outcome(person_id, "waiting", task_id=task_id)
-    try:
-        created = await deps.twenty.create_task(task)
-    except TwentyRejected as exc:
-        await deps.cache.release(task_id)
-        await _close(deps, task_id, "failed", str(exc))
-        return Outcome(person_id, "failed", task_id=task_id, error=str(exc))
-    except TwentyError as exc:
-        # The reservation stays: the retry upserts the same task for the same member (the pick returns it), so a
-        # task Twenty created before the error is neither counted twice nor moved to someone else.
-        await _note(deps, task_id, exc)
-        raise
-    try:
-        await deps.twenty.create_task_target(task_id, person_id, target_id=row["target_id"])
-    except TwentyRejected as exc:
-        await deps.cache.confirm(task_id, to_ms(created.updated_at), task.assignee_id)  # the task does exist
-        await _close(deps, task_id, "failed", f"the task exists but could not be linked: {exc}")
-        return Outcome(person_id, "failed", task_id=task_id, error=str(exc))
-    except TwentyError as exc:
-        await _note(deps, task_id, exc)
-        raise
-    await _opened(deps, task_id, created, task)
-    log.info("followup.created person=%s task=%s assignee=%s llm=%s", person_id, task_id, task.assignee_id,
-             task.llm_used)  # fmt: skip
-    return Outcome(person_id, "created", task_id=task_id, assignee_id=task.assignee_id, llm_used=task.llm_used)
+async def _with_people(deps: FollowUpDeps, rows: list[dict[str, Any]], done: Worked) -> list[dict[str, Any]]:
+    """Attach each row's Person: the record it was owed with, else one `id[in]` look-up per 100 rows."""
+    unknown = [r["person_id"] for r in rows if not r["person"]]
+    found: dict[str, Person] = {}
+    for start in range(0, len(unknown), ID_CHUNK):
+        chunk = unknown[start : start + ID_CHUNK]
+        async for listed in deps.twenty.list_people(f"id[in]:{one_of(chunk)}"):
+            found[listed.id] = listed
+    if found:
+        async with deps.db.acquire() as conn:
+            await followup_store.remember_person(conn, {r["id"]: found[r["person_id"]].model_dump(
+                by_alias=True, mode="json") for r in rows if r["person_id"] in found})  # fmt: skip
+    out, gone = [], {}
+    for row in rows:
+        person = Person.model_validate(row["person"]) if row["person"] else found.get(row["person_id"])
+        if person is None or person.deleted_at is not None:
+            gone[row["id"]] = "the person is not in Twenty (deleted?)"
+            done.failed[row["person_id"]] = gone[row["id"]]
+        else:
+            out.append(row | {"person_model": person})
+    if gone:
+        async with deps.db.acquire() as conn:
+            await followup_store.fail(conn, gone)
+    return out
 
 
 class _PreparedTask(TaskInput):
-    # Not sent: TaskInput.body() picks Twenty's fields by name.
-    llm_used: bool = False
-    waiting: bool = False  # nobody can take it now (and there is no fallback): try again later
+    llm_used: bool = False  # not sent: TaskInput.body() picks Twenty's fields by name
 
 
-async def _opened(deps: FollowUpDeps, task_id: str, created: Task, task: _PreparedTask) -> None:
-    """Twenty has the task: the reservation becomes it, the row says so, and the SLA clock starts."""
-    await deps.cache.confirm(task_id, to_ms(created.updated_at) or to_ms(dt.datetime.now(dt.UTC)), task.assignee_id)
-    version = created.updated_at.isoformat() if created.updated_at else None
-    async with deps.db.acquire() as conn:
-        await store.open_follow_up(conn, task_id, assignee_id=task.assignee_id, llm_used=task.llm_used,
-                                   task_version=version)  # fmt: skip
-    if deps.settings.follow_up_sla_hours and deps.settings.max_reassignments:
-        await jobs.schedule_sla_check(deps.queue, task_id, 0, deps.settings.follow_up_sla_hours)
-
-
-async def _wait(deps: FollowUpDeps, task_id: str) -> None:
-    async with deps.db.acquire() as conn:
-        await store.wait_follow_up(conn, task_id, seconds=WAIT_FOR_MEMBER_S)
-    log.info("followup.waiting task=%s (nobody available; tried again in %ds)", task_id, WAIT_FOR_MEMBER_S)
-
-
-async def _prepare(deps: FollowUpDeps, people: Sequence[Person], task_ids: Sequence[str]) -> list[_PreparedTask]:
-    """Pick an assignee and write the body of each task (the LLM a few at a time)."""
+async def _prepare(deps: FollowUpDeps, rows: Sequence[Mapping[str, Any]]) -> list[_PreparedTask]:
     limit = asyncio.Semaphore(LLM_CONCURRENCY)
     due = dt.datetime.now(dt.UTC) + dt.timedelta(hours=deps.settings.follow_up_due_hours)
 
-    async def one(person: Person, task_id: str) -> _PreparedTask:
-        chosen = await assignees.choose(deps.twenty, deps.cache, deps.db, deps.settings, task_id=task_id,
-                                        person_id=person.id)  # fmt: skip
+    async def one(row: Mapping[str, Any]) -> _PreparedTask:
+        person: Person = row["person_model"]
         async with deps.db.acquire() as conn:
-            lead = await store.lead_for_person(conn, person.id)
+            lead = await lead_store.lead_for_person(conn, person.id)
         context = llm.FollowUpContext(
             full_name=full_name(person), email=person.email,
             phone=person.phones.primary_phone_number if person.phones else None,
@@ -210,108 +178,171 @@ async def _prepare(deps: FollowUpDeps, people: Sequence[Person], task_ids: Seque
         )  # fmt: skip
         async with limit:
             copy = await llm.write_follow_up(deps.llm_http, deps.llm_config, context)
-        return _PreparedTask(id=task_id, title=title(person), markdown=copy.markdown, status="TODO",
-                             assignee_id=chosen.member_id, due_at=due, llm_used=copy.llm_used,
-                             waiting=chosen.member_id is None and chosen.rule.endswith("none_available"))  # fmt: skip
+        return _PreparedTask(id=row["task_id"], title=title(person), markdown=copy.markdown, status="TODO",
+                             assignee_id=row["assignee_id"], due_at=due, llm_used=copy.llm_used)  # fmt: skip
 
-    return list(await asyncio.gather(*(one(p, t) for p, t in zip(people, task_ids, strict=True))))
+    return list(await asyncio.gather(*(one(r) for r in rows)))
 
 
-async def create_follow_ups(deps: FollowUpDeps, people: Sequence[Person]) -> BatchOutcome:
-    """Follow-ups for many people through Twenty's batch endpoints: tasks, then task targets, `batch_size` a
-    call. People who already have an open follow-up are skipped. Raises TwentyUnavailable (the job retries;
-    rows left pending are resumed later)."""
-    outcome = BatchOutcome()
-    taken: list[tuple[Person, Mapping[str, Any]]] = []
+async def _create_tasks(deps: FollowUpDeps, rows: list[dict[str, Any]], done: Worked) -> list[dict[str, Any]]:
+    """One `POST /batch/tasks` (upserts on the ids chosen with the rows). A refused batch is split in halves
+    until the refused record is found; the others go through."""
+    if not rows:
+        return []
+    tasks = await _prepare(deps, rows)
+    made, refused = await _split_on_refusal(deps.twenty.create_tasks, tasks, key=lambda t: t.id or "")
+    by_task = {t.id: t for t in made}
+    rows_by_task = {r["task_id"]: r for r in rows}
     async with deps.db.acquire() as conn:
-        for person in people:
-            slot = await store.begin_follow_up(conn, person.id, task_id=str(uuid.uuid4()), target_id=str(uuid.uuid4()))
-            if slot is None:
-                outcome.skipped += 1
-            else:
-                taken.append((person, dict(slot)))
-    size = deps.twenty.batch_size
-    for start in range(0, len(taken), size):
-        prepared = await _prepare(deps, [p for p, _ in taken[start : start + size]],
-                                  [r["task_id"] for _, r in taken[start : start + size]])  # fmt: skip
-        chunk, tasks = [], []
-        for (person, row), task in zip(taken[start : start + size], prepared, strict=True):
-            if task.waiting:
-                await _wait(deps, row["task_id"])
-                outcome.waiting += 1
-            else:
-                chunk.append((person, row))
-                tasks.append(task)
-        if not tasks:
+        if refused:
+            await followup_store.fail(conn, {rows_by_task[t]["id"]: why for t, why in refused.items()})
+        written = {}
+        for task in tasks:
+            if task.id in by_task or task.id not in refused:
+                twin = by_task.get(task.id) or Task(id=task.id or "")
+                version = to_ms(twin.updated_at) or int(time.time() * 1000)
+                written[rows_by_task[task.id]["id"]] = (
+                    version,
+                    twin.status or "TODO",
+                    twin.updated_at.isoformat() if twin.updated_at else None,
+                )
+        await followup_store.created(conn, written, llm_used={rows_by_task[t.id]["id"]: t.llm_used for t in tasks})
+    for task_id, why in refused.items():
+        done.failed[rows_by_task[task_id]["person_id"]] = why
+        log.warning("followup.refused task=%s error=%s", task_id, why)
+    return [r for r in rows if r["task_id"] not in refused]
+
+
+async def _link(deps: FollowUpDeps, rows: Sequence[Mapping[str, Any]], done: Worked) -> None:
+    """One `POST /batch/taskTargets`. A link Twenty refuses for good leaves no orphan: its task is deleted."""
+    if not rows:
+        return
+    links = [(r["target_id"], r["task_id"], r["person_id"]) for r in rows]
+    _, refused = await _split_on_refusal(deps.twenty.create_task_targets, links, key=lambda link: link[1])
+    by_task = {r["task_id"]: r for r in rows}
+    for task_id in refused:
+        with contextlib.suppress(TwentyRejected):  # already gone
+            await deps.twenty.delete_task(task_id)
+    async with deps.db.acquire() as conn:
+        if refused:
+            await followup_store.fail(conn, {by_task[t]["id"]: f"the task could not be linked: {why}"
+                                             for t, why in refused.items()})  # fmt: skip
+        opened = await followup_store.opened(conn, [r["id"] for r in rows if r["task_id"] not in refused],
+                                             sla_hours=_sla_hours(deps.settings))  # fmt: skip
+    for row in opened:
+        done.opened.append(row["task_id"])
+        log.info("followup.created person=%s task=%s assignee=%s llm=%s", row["person_id"], row["task_id"],
+                 row["assignee_id"], row["llm_used"])  # fmt: skip
+    for task_id, why in refused.items():
+        done.failed[by_task[task_id]["person_id"]] = why
+
+
+def _sla_hours(settings: Settings) -> float:
+    return settings.follow_up_sla_hours if settings.max_reassignments else 0.0
+
+
+async def _split_on_refusal(call: Any, items: Sequence[Any], *, key: Any) -> tuple[list[Any], dict[str, str]]:
+    """`call(items)`; when Twenty refuses the whole batch, the halves are tried (and so on), so only the refused
+    records are left out. Returns (what Twenty answered, key -> Twenty's message for each refused record)."""
+    try:
+        return list(await call(items)), {}
+    except TwentyRejected as exc:
+        if len(items) == 1:
+            return [], {key(items[0]): str(exc)}
+    answered: list[Any] = []
+    refused: dict[str, str] = {}
+    for half in lifecycle.split(items):
+        if half:
+            got, bad = await _split_on_refusal(call, half, key=key)
+            answered += got
+            refused |= bad
+    return answered, refused
+
+
+async def _back_off(deps: FollowUpDeps, rows: Sequence[Mapping[str, Any]], exc: TwentyUnavailable) -> None:
+    if not rows:
+        return
+    attempts = max(r["attempts"] for r in rows)
+    delay = lifecycle.retry_delay(attempts, exc.retry_after, base_s=deps.settings.sync_retry_base_s)
+    async with deps.db.acquire() as conn:
+        await followup_store.back_off(conn, [r["id"] for r in rows], error=str(exc), delay_s=delay)
+    log.warning("followup.deferred rows=%d delay_s=%.1f error=%s", len(rows), delay, exc)
+
+
+# -- the SLA sweep ------------------------------------------------------------------------------------------
+
+
+async def sla_sweep(deps: FollowUpDeps, *, lease_s: float, limit: int = ID_CHUNK) -> dict[str, int]:
+    """Open follow-ups whose SLA is due: each untouched since reactor's last write (same status, assignee and
+    updatedAt) goes to the next member by the same rules, its body saying so; a touched one leaves the SLA. A
+    round is recorded once however many sweeps race (guarded by the round). Rows, not deferred jobs: a Redis
+    restart loses nothing."""
+    settings = deps.settings
+    async with deps.db.acquire() as conn:
+        due = await followup_store.claim_sla_due(conn, limit=limit, max_rounds=settings.max_reassignments,
+                                                 lease_s=lease_s)  # fmt: skip
+    outcome = {"reassigned": 0, "touched": 0, "nobody_available": 0}
+    if not due:
+        return outcome
+    tasks = {t.id: t async for t in deps.twenty.list_tasks(f"id[in]:{one_of([r['task_id'] for r in due])}")}
+    untouched: list[asyncpg.Record] = []
+    touched: list[asyncpg.Record] = []
+    for row in due:
+        task = tasks.get(row["task_id"])
+        version = task.updated_at.isoformat() if task and task.updated_at else None
+        same = (task is not None and task.deleted_at is None and task.status == "TODO"
+                and task.assignee_id == row["assignee_id"] and version == row["task_version"])  # fmt: skip
+        (untouched if same else touched).append(row)
+    async with deps.db.acquire() as conn:
+        for row in touched:
+            await followup_store.reassigned(
+                conn,
+                row["id"],
+                round_=row["reassignments"],
+                assignee_id=None,
+                version_ms=row["event_version"],
+                written=None,
+                next_due_hours=None,
+            )
+    outcome["touched"] = len(touched)
+    if not untouched:
+        return outcome
+    await assignees.ensure_ready(deps.twenty, deps.cache, deps.db, settings)
+    choice = await assignees.assign(deps.cache, deps.db, settings, [dict(r) for r in untouched], reserve=False,
+                                    exclude={r["id"]: r["assignee_id"] for r in untouched},
+                                    rule_prefix="sla_reassignment:")  # fmt: skip
+    names = await deps.cache.names()
+    hours = settings.follow_up_sla_hours
+    for row in untouched:
+        chosen = choice.members.get(row["id"])
+        if chosen is None:
+            outcome["nobody_available"] += 1
             continue
+        previous = row["assignee_id"]
+        note = (f"\n\n> Re-assigned from {names.get(previous, previous)} to {names.get(chosen, chosen)}: "
+                f"untouched for {hours:g} h (SLA).")  # fmt: skip
+        task = tasks[row["task_id"]]
+        body = ((task.body_v2.markdown if task.body_v2 else None) or "") + note
         try:
-            created = await deps.twenty.create_tasks(tasks)
-        except TwentyRejected as exc:  # the batch failed as a whole: none of its tasks exists
-            for (person, row), task in zip(chunk, tasks, strict=True):
-                await deps.cache.release(row["task_id"])
-                await _close(deps, row["task_id"], "failed", str(exc))
-                outcome.failed.append(Outcome(person.id, "failed", task_id=task.id, error=str(exc)))
+            updated = await deps.twenty.update_task(row["task_id"], TaskInput.model_construct(
+                assignee_id=chosen, markdown=body, _fields_set={"assignee_id", "markdown"}))  # fmt: skip
+        except TwentyRejected as exc:
+            log.warning("followup.reassign_refused task=%s error=%s", row["task_id"], exc)
             continue
-        # From here the tasks exist, and a TwentyUnavailable leaves their rows pending with their reservations:
-        # resuming them (same ids, same members) finishes the job without a second task.
-        await deps.twenty.create_task_targets([(r["target_id"], r["task_id"], p.id) for p, r in chunk])
-        by_id = {task.id: task for task in created}
-        for (person, row), task in zip(chunk, tasks, strict=True):
-            twin = by_id.get(row["task_id"]) or Task(id=row["task_id"])
-            await _opened(deps, row["task_id"], twin, task)
-            outcome.created.append(Outcome(person.id, "created", task_id=task.id, assignee_id=task.assignee_id,
-                                           llm_used=task.llm_used))  # fmt: skip
+        round_ = row["reassignments"]
+        more = round_ + 1 < settings.max_reassignments
+        async with deps.db.acquire() as conn:
+            await followup_store.reassigned(
+                conn, row["id"], round_=round_, assignee_id=chosen, version_ms=to_ms(updated.updated_at),
+                written=updated.updated_at.isoformat() if updated.updated_at else None,
+                next_due_hours=hours if more else None)  # fmt: skip
+        outcome["reassigned"] += 1
+        log.info("followup.reassigned task=%s from=%s to=%s round=%d", row["task_id"], previous, chosen, round_ + 1)
     return outcome
 
 
-async def reassign_if_untouched(deps: FollowUpDeps, task_id: str, round_: int) -> str:
-    """SLA round `round_` of a follow-up: if its task is untouched since our last write (same status, same
-    assignee, same updatedAt), it goes to the next member by the same rules, the load moving with it, and its body
-    says so. Idempotent: a round that already happened, or a task someone touched, changes nothing."""
-    async with deps.db.acquire() as conn:
-        row = await store.follow_up_by_task(conn, task_id)
-    if row is None or row["state"] != "open" or row["reassignments"] != round_:
-        return "not_due"
-    task = await deps.twenty.get_task(task_id)
-    version = task.updated_at.isoformat() if task and task.updated_at else None
-    if (task is None or task.deleted_at is not None or task.status != "TODO" or task.assignee_id != row["assignee_id"]
-            or version != row["task_version"]):  # fmt: skip
-        return "touched"
-    hours = deps.settings.follow_up_sla_hours
-    reservation = f"sla:{task_id}:{round_}"
-    decision = await assignees.choose(deps.twenty, deps.cache, deps.db, deps.settings, task_id=reservation,
-                                      person_id=row["person_id"], exclude=row["assignee_id"],
-                                      rule_prefix="sla_reassignment:")  # fmt: skip
-    if decision.member_id is None:
-        return "nobody_available"
-    names = await deps.cache.names()
-    previous, chosen = row["assignee_id"], decision.member_id
-    note = (f"\n\n> Re-assigned from {names.get(previous, previous)} to {names.get(chosen, chosen)}: "
-            f"untouched for {hours:g} h (SLA).")  # fmt: skip
-    body = ((task.body_v2.markdown if task.body_v2 else None) or "") + note
-    try:
-        updated = await deps.twenty.update_task(task_id, TaskInput.model_construct(
-            assignee_id=chosen, markdown=body, _fields_set={"assignee_id", "markdown"}))  # fmt: skip
-    except TwentyError:
-        await deps.cache.release(reservation)
-        raise
-    # The load moves: the reservation goes, and the task counts against its new assignee from this version on.
-    await deps.cache.release(reservation)
-    await deps.cache.apply(TaskState(task_id, chosen, updated.status or "TODO", to_ms(updated.updated_at)))
-    new_version = updated.updated_at.isoformat() if updated.updated_at else None
-    async with deps.db.acquire() as conn:
-        await store.reassign_follow_up(conn, task_id, assignee_id=chosen, task_version=new_version)
-    log.info("followup.reassigned task=%s from=%s to=%s round=%d", task_id, previous, chosen, round_ + 1)
-    if round_ + 1 < deps.settings.max_reassignments:
-        await jobs.schedule_sla_check(deps.queue, task_id, round_ + 1, hours)
-    return "reassigned"
-
-
-async def _close(deps: FollowUpDeps, task_id: str, state: str, error: str) -> None:
-    async with deps.db.acquire() as conn:
-        await store.close_follow_up(conn, task_id, state=state, error=error)
-
-
-async def _note(deps: FollowUpDeps, task_id: str, exc: Exception) -> None:
-    async with deps.db.acquire() as conn:
-        await store.note_follow_up_error(conn, task_id, str(exc))
+async def owe(db: asyncpg.Pool, people: Mapping[str, Person | None], *, trigger: str) -> list[str]:
+    """A pending follow-up for each person without an active one (race-free); the drain does the rest."""
+    records = {pid: p.model_dump(by_alias=True, mode="json") if p else None for pid, p in people.items()}
+    async with db.acquire() as conn:
+        return await followup_store.owe(conn, records, trigger=trigger)

@@ -1,56 +1,69 @@
-"""The member-load cache in Redis: open tasks per workspace member, kept current by Twenty's task events, so
-picking an assignee costs no CRM call.
+"""The member-load cache in Redis: open tasks per workspace member that reactor did not create, kept current by
+Twenty's task events, so picking an assignee costs no CRM call.
 
-Keys (all under `reactor:load:`):
-  tasks     hash  task id -> "assignee|counted|version|deleted": the last known state of every task seen
-  counts    hash  member id -> open tasks (+ reservations) assigned to them
-  reserved  hash  task id -> member: assignments made but not yet confirmed by Twenty
-  members   hash  member id -> capacity weight: who may be picked
-  last      hash  member id -> sequence of their last assignment (ties go to the least recently assigned)
-  seq       counter for `last`
-  built     when the cache was last rebuilt from Twenty
-  events    how many task events have changed it
-  staging:<run>  a rebuild's listing of Twenty's open tasks, merged into `tasks` by one atomic swap
+reactor's own follow-up tasks are not here: their rows in PostgreSQL (`follow_ups`) count them, from the moment a
+row is owed to a member (that row is the reservation) until its task is closed. A member's load is this cache's
+count plus those rows (`reactor.loads`). So the `task.created` event of reactor's own task, whenever it arrives,
+cannot count that task twice, and nothing reserved can leak.
 
-Every change is one Lua script, so concurrent events, picks and rebuilds never interleave inside one. An event
-carries the task's new state only, so the old state is read from `tasks`; an event no newer than what is stored
-(a duplicate, or one that arrived late) changes nothing.
+Keys, under `reactor:ws:<workspace>:` (a change of Twenty workspace starts a cache of its own):
+  task:<id>   "assignee|counted|version|deleted": the last known state of a task; closed tasks expire (tombstones
+              long enough to refuse a late event, far longer than Twenty's webhook tolerance)
+  open        set of the task ids counted now (what a rebuild checks for lost closings)
+  counts      hash member id -> open tasks
+  members     hash member id -> capacity weight: who may be picked
+  names       hash member id -> display name; emails: email -> member id
+  built       when the cache was last rebuilt from Twenty; events: how many task events changed it
+  listed:<run>  the task ids a rebuild has listed so far
+
+Every change is one Lua script over one task or one page, so no call blocks Redis for long however many tasks
+the workspace has ever had, and concurrent events and rebuilds never interleave inside one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from redis.asyncio import Redis
 
 log = logging.getLogger("reactor.loadcache")
 
-PREFIX = "reactor:load:"
-KEYS = [f"{PREFIX}{name}" for name in ("tasks", "counts", "reserved", "members", "last", "seq", "built", "events")]
 TERMINAL = 9_000_000_000_000_000  # the version of a destroyed task: nothing after it applies
+TOMBSTONE_S = 2 * 24 * 3600  # how long a closed task is remembered (a late event for it is then refused)
+SETTLE_CHUNK = 500  # open task ids checked per script call in a rebuild's last pass
 
 _LIB = """
 local function parse(entry)
   local a, c, v, d = string.match(entry, '^(.-)|(%d)|(%d+)|(%d)$')
   return a, tonumber(c), tonumber(v), tonumber(d)
 end
-local function bump(member, by)
-  if member ~= '' then redis.call('HINCRBY', KEYS[2], member, by) end
+local function bump(counts, member, by)
+  if member ~= '' then
+    if redis.call('HINCRBY', counts, member, by) <= 0 then redis.call('HDEL', counts, member) end
+  end
+end
+local function store(key, open_set, id, assignee, counted, version, deleted, ttl)
+  redis.call('SET', key, assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|' .. deleted)
+  if counted == 1 then
+    redis.call('SADD', open_set, id)
+  else
+    redis.call('SREM', open_set, id)
+    redis.call('EXPIRE', key, ttl)
+  end
 end
 """
 
-# ARGV: task id, assignee ('' if none), open (1/0), version (ms), deleted (1/0), mode ('full'|'partial'|'restore')
+# KEYS: task key, counts, open, events. ARGV: task id, assignee ('' if none), open (1/0), version (ms),
+# deleted (1/0), mode ('full'|'partial'|'restore'), tombstone ttl.
 _APPLY = (
     _LIB
     + """
-local id, assignee, open, version, deleted, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), ARGV[6]
-local entry = redis.call('HGET', KEYS[1], id)
+local id, assignee, open, version, deleted, mode, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local entry = redis.call('GET', KEYS[1])
 local old_assignee, old_counted, old_version = '', 0, -1
 if entry then
   old_assignee, old_counted, old_version = parse(entry)
@@ -59,205 +72,82 @@ if entry then
 end
 local counted = 0
 if open == 1 and deleted == 0 and assignee ~= '' then counted = 1 end
-if old_counted == 1 then bump(old_assignee, -1) end
-if counted == 1 then bump(assignee, 1) end
-redis.call('HSET', KEYS[1], id, assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|' .. deleted)
-redis.call('INCR', KEYS[8])
+if old_counted == 1 then bump(KEYS[2], old_assignee, -1) end
+if counted == 1 then bump(KEYS[2], assignee, 1) end
+store(KEYS[1], KEYS[3], id, assignee, counted, version, deleted, ttl)
+redis.call('INCR', KEYS[4])
 return 1
 """
 )
 
-# ARGV: reservation (= task) id, then (member, weight, cap) for each candidate (cap 0: none). A capped member is
-# skipped. Returns {member or '', loads-json of every candidate, rule}.
-_PICK = """
-local existing = redis.call('HGET', KEYS[3], ARGV[1])
-if existing then return {existing, '{}', 'reserved_before'} end
-local best, best_score, best_last = nil, nil, nil
-local seen, scores = {}, {}
-for i = 2, #ARGV, 3 do
-  local member, weight, cap = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local load = tonumber(redis.call('HGET', KEYS[2], member) or '0')
-  seen[member] = load
-  if cap == 0 or load < cap then
-    local last = tonumber(redis.call('HGET', KEYS[5], member) or '0')
-    local score = load / weight
-    scores[member] = score
-    if best == nil or score < best_score or (score == best_score and (last < best_last
-        or (last == best_last and member < best))) then
-      best, best_score, best_last = member, score, last
-    end
-  end
-end
-if best == nil then return {'', cjson.encode(seen), 'all_capped'} end
-local tied = 0
-for _, score in pairs(scores) do if score == best_score then tied = tied + 1 end end
-redis.call('HINCRBY', KEYS[2], best, 1)
-redis.call('HSET', KEYS[5], best, redis.call('INCR', KEYS[6]))
-redis.call('HSET', KEYS[3], ARGV[1], best)
-local rule = 'lowest_weighted_load'
-if tied > 1 then rule = 'tie_least_recently_assigned' end
-return {best, cjson.encode(seen), rule}
-"""
-
-# ARGV: task id, version, assignee. Twenty has the task, at this version, assigned to `assignee`: the reservation
-# (if Redis still has it) stops counting and the task counts instead, once, against that assignee. A task event
-# that already counted it (perhaps against an earlier assignee) is corrected; one newer than this version wins.
-_CONFIRM = (
+# A page of a rebuild's listing of Twenty's open tasks. KEYS: counts, open, listed. ARGV: task key prefix,
+# apply (1/0), then (id, assignee, version) per task. A live entry newer than the listing wins (an event that
+# arrived meanwhile). Returns {tasks the cache did not know, entries corrected}.
+_STAGE = (
     _LIB
     + """
-local id, version, assignee = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local reserved = redis.call('HGET', KEYS[3], id)
-if reserved then
-  redis.call('HDEL', KEYS[3], id)
-  bump(reserved, -1)
-  if assignee == '' then assignee = reserved end
-end
-local entry = redis.call('HGET', KEYS[1], id)
-if entry then
-  local old_assignee, old_counted, old_version, old_deleted = parse(entry)
-  if old_version > version or (old_assignee == assignee and old_counted == 1) then return 1 end
-  if old_counted == 1 then bump(old_assignee, -1) end
-end
-if assignee ~= '' then
-  bump(assignee, 1)
-  redis.call('HSET', KEYS[1], id, assignee .. '|1|' .. string.format('%d', version) .. '|0')
-end
-return 1
-"""
-)
-
-# ARGV: task id, member. A reservation made by rule rather than by load (the fallback assignee).
-_RESERVE = (
-    _LIB
-    + """
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-bump(ARGV[2], 1)
-return 1
-"""
-)
-
-_RELEASE = (
-    _LIB
-    + """
-local member = redis.call('HGET', KEYS[3], ARGV[1])
-if not member then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-bump(member, -1)
-return 1
-"""
-)
-
-# KEYS[9]: the staging hash a rebuild filled (task id -> "assignee|version"), page by page, while events flowed.
-# ARGV: started (ms) - when the listing began; built-at (ms); apply (1) or only compare (0).
-# Live entries newer than the listing win (events that arrived meanwhile); a live open task that was not listed and
-# is older than the listing was closed while its event was lost. Counts are recomputed whole, reservations included.
-# Returns {before counts, after counts, tasks listed that the cache did not know, live entries corrected}.
-_SWAP = (
-    _LIB
-    + """
-local started, apply = tonumber(ARGV[1]), ARGV[3] == '1'
-local staged = redis.call('HGETALL', KEYS[9])
-local listed, unknown, corrected = {}, 0, 0
-local merged = {}
-for i = 1, #staged, 2 do
-  local id = staged[i]
-  local assignee, version = string.match(staged[i + 1], '^(.-)|(%d+)$')
-  version = tonumber(version)
-  listed[id] = true
-  local entry = redis.call('HGET', KEYS[1], id)
+local prefix, apply = ARGV[1], ARGV[2] == '1'
+local unknown, corrected = 0, 0
+for i = 3, #ARGV, 3 do
+  local id, assignee, version = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  redis.call('SADD', KEYS[3], id)
+  local key = prefix .. id
+  local entry = redis.call('GET', key)
   local keep = false
   if entry then
     local old_assignee, old_counted, old_version = parse(entry)
-    keep = old_version > version
-    if not keep and (old_assignee ~= assignee or old_counted ~= 1) then corrected = corrected + 1 end
+    if old_version > version then
+      keep = true
+    elseif old_assignee == assignee and old_counted == (assignee ~= '' and 1 or 0) then
+      keep = true
+    else
+      corrected = corrected + 1
+      if apply and old_counted == 1 then bump(KEYS[1], old_assignee, -1) end
+    end
   else
     unknown = unknown + 1
   end
-  if not keep then
+  if apply and not keep then
     local counted = 0
     if assignee ~= '' then counted = 1 end
-    merged[id] = assignee .. '|' .. counted .. '|' .. string.format('%d', version) .. '|0'
+    if counted == 1 then bump(KEYS[1], assignee, 1) end
+    store(key, KEYS[2], id, assignee, counted, version, 0, 0)
   end
 end
-local counts = {}
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local id = all[i]
-  local value = merged[id] or all[i + 1]
-  merged[id] = nil
-  local assignee, counted, version, deleted = parse(value)
-  if counted == 1 and not listed[id] and version < started then
-    counted = 0
-    corrected = corrected + 1
-    value = assignee .. '|0|' .. string.format('%d', version) .. '|' .. deleted
-  end
-  if apply then redis.call('HSET', KEYS[1], id, value) end
-  if counted == 1 and assignee ~= '' then counts[assignee] = (counts[assignee] or 0) + 1 end
-end
-for id, value in pairs(merged) do
-  local assignee, counted = parse(value)
-  if apply then redis.call('HSET', KEYS[1], id, value) end
-  if counted == 1 and assignee ~= '' then counts[assignee] = (counts[assignee] or 0) + 1 end
-end
-local reserved = redis.call('HGETALL', KEYS[3])
-for i = 1, #reserved, 2 do counts[reserved[i + 1]] = (counts[reserved[i + 1]] or 0) + 1 end
-local before = redis.call('HGETALL', KEYS[2])
-local after = {}
-for member, n in pairs(counts) do table.insert(after, member); table.insert(after, n) end
-if apply then
-  redis.call('DEL', KEYS[2])
-  for member, n in pairs(counts) do redis.call('HSET', KEYS[2], member, n) end
-  redis.call('SET', KEYS[7], ARGV[2])
-end
-redis.call('DEL', KEYS[9])
-return {before, after, unknown, corrected}
+return {unknown, corrected}
 """
 )
 
-
-@dataclass(frozen=True)
-class Rebuilt:
-    before: dict[str, int]  # member -> load the cache had
-    after: dict[str, int]  # member -> load Twenty's tasks give (with events that arrived meanwhile)
-    unknown_tasks: int  # open tasks in Twenty the cache had never seen
-    corrected: int  # cache entries that were wrong (lost events)
-
-    @property
-    def drift(self) -> dict[str, tuple[int, int]]:
-        """member -> (cached, true), for the members whose load was wrong."""
-        members = self.before.keys() | self.after.keys()
-        return {m: (self.before.get(m, 0), self.after.get(m, 0)) for m in sorted(members)
-                if self.before.get(m, 0) != self.after.get(m, 0)}  # fmt: skip
-
-
-class Staging:
-    """A rebuild in progress: Twenty's open tasks are staged page by page (memory stays one page), then merged
-    with the live cache in one atomic swap."""
-
-    def __init__(self, cache: LoadCache, run_id: str, started_ms: int) -> None:
-        self._cache = cache
-        self.key = f"{PREFIX}staging:{run_id}"
-        self.started_ms = started_ms
-        self.staged = 0
-
-    async def add(self, tasks: Iterable[TaskState]) -> None:
-        entries = {t.task_id: f"{t.assignee_id or ''}|{t.version_ms}" for t in tasks}
-        if entries:
-            redis = self._cache._redis
-            await redis.hset(self.key, mapping=entries)  # type: ignore[misc]
-            await redis.expire(self.key, 3600)
-            self.staged += len(entries)
-
-    async def swap(self, *, built_ms: int, apply: bool = True) -> Rebuilt:
-        raw = await self._cache._swap(keys=[*KEYS, self.key], args=[self.started_ms, built_ms, 1 if apply else 0])
-        before, after, unknown, corrected = raw
-        return Rebuilt(_pairs(before), _pairs(after), int(unknown), int(corrected))
-
-
-def _pairs(flat: list[Any]) -> dict[str, int]:
-    items = [item.decode() if isinstance(item, bytes) else item for item in flat]
-    return {str(items[i]): int(items[i + 1]) for i in range(0, len(items), 2)}
+# The rebuild's last pass, over a chunk of the open set. KEYS: counts, open, listed. ARGV: task key prefix,
+# listing start (ms), apply (1/0), tombstone ttl, then task ids. An open task the listing did not show, and older
+# than the listing, was closed while its event was lost. Returns the number of entries corrected.
+_SETTLE = (
+    _LIB
+    + """
+local prefix, started, apply, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', tonumber(ARGV[4])
+local corrected = 0
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  if redis.call('SISMEMBER', KEYS[3], id) == 0 then
+    local key = prefix .. id
+    local entry = redis.call('GET', key)
+    if not entry then
+      if apply then redis.call('SREM', KEYS[2], id) end
+    else
+      local assignee, counted, version, deleted = parse(entry)
+      if counted == 1 and version < started then
+        corrected = corrected + 1
+        if apply then
+          bump(KEYS[1], assignee, -1)
+          store(key, KEYS[2], id, assignee, 0, version, deleted, ttl)
+        end
+      end
+    end
+  end
+end
+return corrected
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -272,106 +162,134 @@ class TaskState:
     partial: bool = False  # the record held only id/deletedAt (older Twenty): keep the known assignee
 
 
-@dataclass(frozen=True)
-class Pick:
-    member_id: str | None  # None: every candidate was capped (or there were none)
-    loads_seen: dict[str, int]
-    rule: str = "lowest_weighted_load"  # or tie_least_recently_assigned, all_capped, reserved_before
-
-
 def to_ms(value: str | datetime | None) -> int:
+    """A Twenty timestamp in ms since the epoch; 0 when there is none. Raises ValueError for a non-timestamp."""
     if value is None:
         return 0
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(value.replace("Z", "+00:00"))
     return int(moment.timestamp() * 1000)
 
 
+@dataclass
+class Rebuild:
+    """A rebuild in progress: Twenty's open tasks (not reactor's own) staged page by page, then a pass over the
+    open set for closings that were lost. Each step is one short script."""
+
+    cache: LoadCache
+    run_id: str
+    started_ms: int
+    apply: bool = True
+    listed: int = 0
+    unknown: int = 0
+    corrected: int = 0
+    counts_from_listing: dict[str, int] | None = None  # a compare-only run's own tally
+
+    def __post_init__(self) -> None:
+        if not self.apply:
+            self.counts_from_listing = {}
+
+    async def add(self, tasks: Iterable[TaskState]) -> None:
+        args: list[str | int] = [self.cache.key("task:"), 1 if self.apply else 0]
+        for task in tasks:
+            args += [task.task_id, task.assignee_id or "", task.version_ms]
+            if self.counts_from_listing is not None and task.assignee_id:
+                self.counts_from_listing[task.assignee_id] = self.counts_from_listing.get(task.assignee_id, 0) + 1
+        if len(args) == 2:
+            return
+        keys = [self.cache.key("counts"), self.cache.key("open"), self._listed_key]
+        unknown, corrected = await self.cache._stage(keys=keys, args=args)
+        await self.cache._redis.expire(self._listed_key, 3600)
+        self.listed += (len(args) - 2) // 3
+        self.unknown += int(unknown)
+        self.corrected += int(corrected)
+
+    async def finish(self) -> None:
+        """Close what the listing did not show (chunk by chunk), and mark the cache built."""
+        redis, keys = self.cache._redis, [self.cache.key("counts"), self.cache.key("open"), self._listed_key]
+        cursor = 0
+        while True:
+            cursor, chunk = await redis.sscan(self.cache.key("open"), cursor, count=SETTLE_CHUNK)
+            if chunk:
+                ids = [item.decode() if isinstance(item, bytes) else str(item) for item in chunk]
+                args: list[str | int] = [self.cache.key("task:"), self.started_ms, 1 if self.apply else 0,
+                                         TOMBSTONE_S, *ids]  # fmt: skip
+                self.corrected += int(await self.cache._settle(keys=keys, args=args))
+            if cursor == 0:
+                break
+        await redis.delete(self._listed_key)
+        if self.apply:
+            await redis.set(self.cache.key("built"), self.started_ms)
+
+    @property
+    def _listed_key(self) -> str:
+        return self.cache.key(f"listed:{self.run_id}")
+
+
 class LoadCache:
-    def __init__(self, redis: Redis, *, load_statuses: Iterable[str]) -> None:
+    def __init__(self, redis: Redis, *, load_statuses: Iterable[str], workspace: str = "default") -> None:
         self._redis = redis
         self._load_statuses = frozenset(load_statuses)
+        self.prefix = f"reactor:ws:{workspace}:"
         self._apply = redis.register_script(_APPLY)
-        self._pick = redis.register_script(_PICK)
-        self._confirm = redis.register_script(_CONFIRM)
-        self._release = redis.register_script(_RELEASE)
-        self._reserve = redis.register_script(_RESERVE)
-        self._swap = redis.register_script(_SWAP)
+        self._stage = redis.register_script(_STAGE)
+        self._settle = redis.register_script(_SETTLE)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
 
     def counts_as_load(self, status: str | None) -> bool:
         return status in self._load_statuses
 
     async def apply(self, state: TaskState, *, restore: bool = False, destroyed: bool = False) -> bool:
-        """Apply one task event; False when it was stale or a duplicate."""
+        """Apply one event of a task reactor did not create; False when it was stale or a duplicate."""
         mode = "restore" if restore else "partial" if state.partial else "full"
         version = TERMINAL if destroyed else state.version_ms
         open_ = 1 if self.counts_as_load(state.status) else 0
         deleted = 1 if state.deleted or destroyed else 0
-        args: list[str | int] = [state.task_id, state.assignee_id or "", open_, version, deleted, mode]
-        return bool(await self._apply(keys=KEYS, args=args))
+        keys = [self.key(f"task:{state.task_id}"), self.key("counts"), self.key("open"), self.key("events")]
+        args: list[str | int] = [state.task_id, state.assignee_id or "", open_, version, deleted, mode, TOMBSTONE_S]
+        return bool(await self._apply(keys=keys, args=args))
 
-    async def pick(self, reservation_id: str, candidates: Mapping[str, tuple[float, int]] | None = None) -> Pick:
-        """Reserve the candidate (member -> (weight, cap)) with the lowest load / weight, skipping capped ones;
-        ties go to the least recently assigned. Without candidates: every member, uncapped. Picking twice with
-        one reservation id returns the same member. `member_id` is None when every candidate is capped."""
-        if candidates is None:
-            candidates = {member: (weight, 0) for member, weight in (await self.members()).items()}
-        args: list[str | int | float] = [reservation_id]
-        for member, (weight, cap) in sorted(candidates.items()):
-            args += [member, weight, cap]
-        member, loads, rule = await self._pick(keys=KEYS, args=args)
-        chosen = member.decode() if isinstance(member, bytes) else str(member)
-        rule_name = rule.decode() if isinstance(rule, bytes) else str(rule)
-        return Pick(chosen or None, json.loads(loads) if loads not in (b"[]", "[]") else {}, rule_name)
+    async def forget(self, task_ids: Sequence[str]) -> None:
+        """Drop tasks from the cache (they turned out to be reactor's own: their rows count them)."""
+        for task_id in task_ids:
+            await self.apply(TaskState(task_id, None, None, TERMINAL, deleted=True), destroyed=True)
 
-    async def confirm(self, task_id: str, version_ms: int, assignee_id: str | None = None) -> None:
-        """Twenty created the reserved task (its id is the reservation id), assigned to `assignee_id`."""
-        await self._confirm(keys=KEYS, args=[task_id, version_ms, assignee_id or ""])
+    def rebuild(self, run_id: str, started_ms: int, *, apply: bool = True) -> Rebuild:
+        return Rebuild(self, run_id, started_ms, apply)
 
-    async def reserve(self, reservation_id: str, member: str) -> None:
-        await self._reserve(keys=KEYS, args=[reservation_id, member])
+    async def counts(self) -> dict[str, int]:
+        """member -> open tasks reactor did not create."""
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self.key("counts"))  # type: ignore[misc]
+        return {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
 
     async def member_ids_by_email(self) -> dict[str, str]:
-        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}emails")  # type: ignore[misc]
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self.key("emails"))  # type: ignore[misc]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    async def set_emails(self, ids_by_email: Mapping[str, str]) -> None:
-        if ids_by_email:
-            await self._redis.hset(f"{PREFIX}emails", mapping=dict(ids_by_email))  # type: ignore[misc]
-
-    async def release(self, reservation_id: str) -> bool:
-        return bool(await self._release(keys=KEYS, args=[reservation_id]))
-
-    async def set_members(self, weights: Mapping[str, float]) -> None:
-        """Replace the eligible members (member id -> capacity weight), atomically."""
+    async def set_members(self, weights: Mapping[str, float], names: Mapping[str, str] | None = None,
+                          emails: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """Replace the eligible members (id -> weight), and their names and emails when given, atomically."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(f"{PREFIX}members")
-            if weights:
-                pipe.hset(f"{PREFIX}members", mapping=dict(weights))
+            for name, mapping in (("members", weights), ("names", names), ("emails", emails)):
+                if mapping is None:
+                    continue
+                pipe.delete(self.key(name))
+                if mapping:
+                    pipe.hset(self.key(name), mapping=dict(mapping))
             await pipe.execute()
 
-    async def set_names(self, names: Mapping[str, str]) -> None:
-        """Display names of members (for the dashboard)."""
-        if names:
-            await self._redis.hset(f"{PREFIX}names", mapping=dict(names))  # type: ignore[misc]
-
     async def names(self) -> dict[str, str]:
-        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}names")  # type: ignore[misc]
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self.key("names"))  # type: ignore[misc]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def members(self) -> dict[str, float]:
-        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}members")  # type: ignore[misc]
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self.key("members"))  # type: ignore[misc]
         return {k.decode(): float(v) for k, v in raw.items()}
 
-    async def loads(self) -> dict[str, int]:
-        raw: dict[bytes, bytes] = await self._redis.hgetall(f"{PREFIX}counts")  # type: ignore[misc]
-        return {k.decode(): int(v) for k, v in raw.items() if int(v)}
-
     async def is_built(self) -> bool:
-        return bool(await self._redis.exists(f"{PREFIX}built"))
-
-    def staging(self, run_id: str, started_ms: int) -> Staging:
-        return Staging(self, run_id, started_ms)
+        return bool(await self._redis.exists(self.key("built")))
 
     async def events_applied(self) -> int:
         """How many task events have changed the cache since it was created (to report those during a run)."""
-        return int(await self._redis.get(f"{PREFIX}events") or 0)
+        return int(await self._redis.get(self.key("events")) or 0)

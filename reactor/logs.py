@@ -8,21 +8,66 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9-])[A-Za-z0-9.-]*\.([A-Za-z]{2,})")
 _PHONE = re.compile(r"\+\d{5,13}(\d{2})\b")  # intake stores phones as E.164: that is the form that reaches logs
-_TOKEN = re.compile(r"([?&]token=)[^&\s\"]+")  # dashboard sign-in links, e.g. in access logs
 _PERCENT_EMAIL = re.compile(r"([A-Za-z0-9._+-])[A-Za-z0-9._+-]*%40([A-Za-z0-9-])[A-Za-z0-9.-]*")
+# A path with its query string, as in access logs and URLs: `/leads/search?name=Ada&phone=%2B1415…`.
+_PATH_QUERY = re.compile(r"(/[^\s?\"#]*)\?([^\s\"#]+)")
+# Parameter names (after percent-decoding and lowercasing: `?%74oken=` is `token`) whose value is a secret.
+SECRET_PARAMS = frozenset({"token", "api_key", "apikey", "api-key", "x-api-key", "key", "access_token", "password",
+                           "secret", "signature"})  # fmt: skip
+# Routes whose query strings describe people; on them every value is masked but these.
+_PERSONAL_ROUTES = ("/leads", "/assignments")
+_HARMLESS_PARAMS = frozenset({"limit", "cursor"})
+
+
+def _decoded(name: str) -> str:
+    """Percent-decoded until it stops changing (bounded): `%2574oken` is `%74oken` is `token`."""
+    for _ in range(4):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name
+
+
+def _query_masker(personal: bool) -> Callable[[re.Match[str]], str]:
+    def masked(match: re.Match[str]) -> str:
+        path, query = match.group(1), match.group(2)
+        on_person = personal and path.rstrip("/").startswith(_PERSONAL_ROUTES)
+        parts = []
+        for part in query.split("&"):
+            raw_name, eq, value = part.partition("=")
+            name = _decoded(raw_name).strip().lower()
+            if value and (name in SECRET_PARAMS or (on_person and name not in _HARMLESS_PARAMS)):
+                value = "***"
+            parts.append(f"{raw_name}{eq}{value}")
+        return f"{path}?{'&'.join(parts)}"
+
+    return masked
+
+
+_MASK_SECRETS, _MASK_ALL = _query_masker(personal=False), _query_masker(personal=True)
+
+
+def mask_secrets(text: str) -> str:
+    """Keys and sign-in tokens in query strings -> ***, always (LOG_PII=true shows people, never secrets)."""
+    return _PATH_QUERY.sub(_MASK_SECRETS, text) if "?" in text else text
 
 
 def mask(text: str) -> str:
-    """ada.lovelace@example.com -> a***@e***.com; +14155552671 -> +*********71."""
-    text = _TOKEN.sub(r"\1***", text)
+    """ada.lovelace@example.com -> a***@e***.com; +14155552671 -> +*********71; secrets and, on lead routes, every
+    query value -> ***."""
+    if "?" in text:
+        text = _PATH_QUERY.sub(_MASK_ALL, text)
     text = _EMAIL.sub(r"\1***@\2***.\3", text)
     text = _PERCENT_EMAIL.sub(r"\1***%40\2***", text)
     return _PHONE.sub(lambda m: "+" + "*" * (len(m.group(0)) - 3) + m.group(1), text)
@@ -38,11 +83,10 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
         record.job_id = job_id.get()
-        if not self._pii:
-            message = record.getMessage()
-            masked = mask(message)
-            if masked != message:
-                record.msg, record.args = masked, None
+        message = record.getMessage()
+        masked = mask_secrets(message) if self._pii else mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
         return True
 
 

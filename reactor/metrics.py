@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -29,6 +30,10 @@ TWENTY_CALLS = Counter("reactor_twenty_calls", "Calls to Twenty by operation and
 TWENTY_RETRIES = Counter("reactor_twenty_retries", "Retried calls to Twenty by reason", ["reason"], registry=REGISTRY)
 RATE_LIMIT_WAIT = Counter("reactor_twenty_rate_limit_wait_seconds", "Time spent waiting for the shared rate limit",
                           registry=REGISTRY)  # fmt: skip
+TWENTY_RATE = Gauge("reactor_twenty_rate_per_minute", "The pace of calls to Twenty the fleet has learnt (shared)",
+                    registry=REGISTRY)  # fmt: skip
+DRAINED = Counter("reactor_drained", "Items the drain loop finished, by kind (lead, follow_up) and outcome (synced, "
+                  "suppressed, opened, failed, waiting)", ["kind", "outcome"], registry=REGISTRY)  # fmt: skip
 MEMBER_LOAD = Gauge("reactor_member_load", "Open tasks per workspace member, as the load cache has them",
                     ["member"], registry=REGISTRY)  # fmt: skip
 QUEUE_DEPTH = Gauge("reactor_queue_depth", "Jobs waiting in the arq queue", registry=REGISTRY)
@@ -51,12 +56,11 @@ def render() -> bytes:
     return generate_latest(REGISTRY)
 
 
-async def refresh_fleet(redis: Any, db: Any) -> None:
-    """Read the fleet-wide gauges (loads, queue, dead letters, last reconcile) just before a scrape."""
-    loads = await redis.hgetall("reactor:load:counts")
+async def refresh_fleet(redis: Any, db: Any, loads: Mapping[str, int]) -> None:
+    """Set the fleet-wide gauges (loads, queue, dead letters, last reconcile) just before a scrape."""
     MEMBER_LOAD.clear()
     for member, count in loads.items():
-        MEMBER_LOAD.labels(member.decode()).set(int(count))
+        MEMBER_LOAD.labels(member).set(int(count))
     QUEUE_DEPTH.set(await redis.zcard("arq:queue"))
     async with db.acquire() as conn:
         FAILED_JOBS.set(await conn.fetchval("SELECT count(*) FROM failed_jobs WHERE replayed_at IS NULL"))
@@ -68,6 +72,14 @@ async def refresh_fleet(redis: Any, db: Any) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_OUTCOME: ContextVar[list[str] | None] = ContextVar("reactor_job_outcome", default=None)
+
+
+def job_failed() -> None:
+    """Count the running job as `failed` although it returns normally: it gave its work up to a dead letter."""
+    outcome = _OUTCOME.get()
+    if outcome is not None:
+        outcome[0] = "failed"
 
 
 def instrumented(job: str) -> Callable[[F], F]:
@@ -78,14 +90,17 @@ def instrumented(job: str) -> Callable[[F], F]:
         async def run(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             outcome = "failed"
+            returned = ["ok"]  # job_failed() turns it into "failed"
+            token = _OUTCOME.set(returned)
             try:
                 result = await func(*args, **kwargs)
-                outcome = "ok"
+                outcome = returned[0]
                 return result
             except Retry:
                 outcome = "retry"
                 raise
             finally:
+                _OUTCOME.reset(token)
                 JOBS.labels(job, outcome).inc()
                 JOB_SECONDS.labels(job).observe(time.perf_counter() - started)
 

@@ -1,14 +1,15 @@
 """Reconciliation: put the cache and the CRM back in step after lost webhooks, a paused subscription or downtime,
 and report what was wrong. Safe while events flow; one run at a time.
 
-Steps: refresh the workspace members; rebuild the member-load cache from Twenty's open tasks (staged page by page,
-swapped in atomically, keeping events that arrived meanwhile: loadcache.Staging); sync every unsynced lead (the
-batch path); create follow-ups for every person without an open one (batch path; ones left pending are resumed);
-close follow-ups whose task was deleted or done in Twenty.
+Steps: refresh the workspace members; recount the loads from Twenty's open tasks page by page, keeping events that
+arrived meanwhile, and close follow-ups whose task was done or deleted while its event was lost
+(assignees.rebuild_loads); sync every waiting lead and finish every follow-up left owed (the drain's batches);
+owe a follow-up where its trigger was lost.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -18,16 +19,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from reactor import assignees, followups, metrics, store, sync
+from reactor import assignees, drain, followup_store, followups, metrics, store, subscription
 from reactor.resources import Resources
-from reactor.twenty import OPEN_STATUSES, TwentyClient, one_of
+from reactor.twenty import Person, TwentyClient, quoted
 
 log = logging.getLogger("reactor.reconcile")
 
 LOCK_KEY = "reactor:reconcile:lock"
 LOCK_TTL_S = 3600  # a crashed run's lock frees itself; a live run renews it at every step
 PROGRESS_TTL_S = 24 * 3600
-TASK_ID_CHUNK = 100  # task ids per `id[in]` look-up: keeps the URL short
 
 Progress = Callable[[str, int, int | None], Awaitable[None]]
 
@@ -81,7 +81,7 @@ class Report:
     leads_unsynced: int = 0
     leads_synced: int = 0
     leads_failed: int = 0
-    people_without_follow_up: int = 0
+    people_without_follow_up: int = 0  # whose trigger was lost: synced by reactor, or created since the install
     follow_ups_created: int = 0
     follow_ups_failed: int = 0
     follow_ups_closed: int = 0  # their task was deleted or done in Twenty, and no event said so
@@ -93,8 +93,16 @@ class Report:
         return asdict(self)
 
 
+INSTALLED_AT = "webhook_installed_at"
+
+
 async def run(res: Resources, run_id: str, *, dry_run: bool = False, progress: Progress | None = None) -> Report:
-    """One reconcile. The caller holds the lock for `run_id`."""
+    """One reconcile. The caller holds the lock for `run_id`.
+
+    A follow-up is owed only where its trigger was lost: a person reactor synced from a lead who never had one,
+    or a person created in Twenty since reactor's subscription was installed who never had one. A follow-up a
+    rep completed or deleted stays done; historical contacts are left alone (POST /tasks/auto-assign is the
+    command that covers them)."""
     assert res.twenty is not None, "reconcile needs Twenty configured"
     twenty, started = res.twenty, time.monotonic()
     report = Report(dry_run=dry_run)
@@ -114,39 +122,39 @@ async def run(res: Resources, run_id: str, *, dry_run: bool = False, progress: P
         report.members = len(await assignees.refresh_members(twenty, res.cache, res.settings))
 
     await step("loads", 0)
-    rebuilt = await assignees.rebuild_loads(twenty, res.cache, res.settings, apply=not dry_run)
+    rebuilt = await assignees.rebuild_loads(twenty, res.cache, res.db, res.settings, apply=not dry_run)
     members = sorted(rebuilt.before.keys() | rebuilt.after.keys())
     report.loads = {m: {"cached": rebuilt.before.get(m, 0), "true": rebuilt.after.get(m, 0)} for m in members}
     report.drift = {m: {"cached": c, "true": t} for m, (c, t) in rebuilt.drift.items()}
-    report.open_tasks = sum(rebuilt.after.values())
+    report.open_tasks = rebuilt.listed
     report.tasks_unknown_to_cache, report.cache_entries_corrected = rebuilt.unknown_tasks, rebuilt.corrected
+    report.follow_ups_closed = rebuilt.own_closed
 
     async with res.db.acquire() as conn:
         report.leads_unsynced = await store.count_unsynced(conn)
     await step("leads", 0, report.leads_unsynced)
-    deps = res.follow_up_deps()
     if not dry_run and report.leads_unsynced:
-        synced = await sync.sync_backlog(res.db, twenty, sync.SyncOptions.from_settings(res.settings), on_synced=None)
-        report.leads_synced, report.leads_failed = len(synced.synced), len(synced.failed)
-        report.interrupted = synced.interrupted
+        while True:
+            pushed, outage = await drain.sync_leads(res)
+            if pushed is not None:
+                report.leads_synced += len(pushed.synced)
+                report.leads_failed += len(pushed.rejected)
+            if outage is not None:
+                report.interrupted = str(outage)
+            if pushed is None or outage is not None:
+                break
 
     await step("follow_ups", 0)
-    async with res.db.acquire() as conn:
-        covered = await store.people_with_follow_ups(conn)
-        stale = await store.stale_pending_follow_ups(conn, older_than_s=0)  # every one left pending
-    people = [person async for person in twenty.list_people() if person.id not in covered]
-    report.people_without_follow_up = len(people) + len(stale)
-    await step("follow_ups", 0, report.people_without_follow_up)
+    lost = await _lost_triggers(res, twenty)
+    report.people_without_follow_up = len(lost)
+    await step("follow_ups", 0, len(lost))
     if not dry_run:
-        created = await followups.create_follow_ups(deps, people)
-        for person_id in stale:
-            resumed = await followups.create_follow_up(deps, person_id, resume=True)
-            (created.created if resumed.status == "created" else created.failed).append(resumed)
-        report.follow_ups_created, report.follow_ups_failed = len(created.created), len(created.failed)
-        await step("follow_ups", report.people_without_follow_up, report.people_without_follow_up)
-
-    await step("closed", 0)
-    report.follow_ups_closed = await _close_finished_follow_ups(res, twenty, dry_run=dry_run)
+        await followups.owe(res.db, lost, trigger="reconcile")
+        rounds = await drain.until_idle(res)
+        report.follow_ups_created = sum(len(r.follow_ups.opened) for r in rounds)
+        report.follow_ups_failed = sum(len(r.follow_ups.failed) for r in rounds)
+        report.interrupted = report.interrupted or next((str(r.unavailable) for r in rounds if r.unavailable), None)
+        await step("follow_ups", len(lost), len(lost))
 
     report.events_during_run = await res.cache.events_applied() - events_before
     report.seconds = round(time.monotonic() - started, 2)
@@ -159,29 +167,41 @@ async def run(res: Resources, run_id: str, *, dry_run: bool = False, progress: P
     return report
 
 
-async def _close_finished_follow_ups(res: Resources, twenty: TwentyClient, *, dry_run: bool) -> int:
-    """Open follow-ups whose task is gone from Twenty (deleted) or done: found with `id[in]` look-ups."""
+async def _lost_triggers(res: Resources, twenty: TwentyClient) -> dict[str, Person | None]:
+    """People owed a follow-up whose trigger never arrived (and who never had one)."""
     async with res.db.acquire() as conn:
-        rows = await conn.fetch("SELECT task_id FROM follow_ups WHERE state = 'open'")
-    task_ids = [row["task_id"] for row in rows]
-    finished: list[str] = []
-    for start in range(0, len(task_ids), TASK_ID_CHUNK):
-        chunk = task_ids[start : start + TASK_ID_CHUNK]
-        still_open = {task.id async for task in twenty.list_tasks(
-            f"and(id[in]:{one_of(chunk)},status[in]:{one_of(OPEN_STATUSES)})")}  # fmt: skip
-        finished += [task_id for task_id in chunk if task_id not in still_open]
-    if not dry_run:
+        owed: dict[str, Person | None] = dict.fromkeys(await followup_store.synced_people_without_any(conn))
+    installed = await installed_at(res, twenty)
+    if installed is not None:
+        since = installed.isoformat().replace("+00:00", "Z")
+        recent = {p.id: p async for p in twenty.list_people(f"createdAt[gte]:{quoted(since)}")}
         async with res.db.acquire() as conn:
-            for task_id in finished:
-                await store.close_follow_up(conn, task_id)
-    return len(finished)
+            covered = await followup_store.people_with_any(conn, list(recent))
+        owed |= {pid: p for pid, p in recent.items() if pid not in covered}
+    return owed
+
+
+async def installed_at(res: Resources, twenty: TwentyClient) -> dt.datetime | None:
+    """When reactor's webhook subscription was installed: remembered in PostgreSQL the first time it is seen
+    (Twenty's subscription records it as createdAt)."""
+    async with res.db.acquire() as conn:
+        known = await followup_store.get_fact(conn, INSTALLED_AT)
+    if known:
+        return dt.datetime.fromisoformat(known)
+    hooks = [h for h in await twenty.list_webhooks() if not subscription.covers(h) and h.created_at is not None]
+    if not hooks:
+        return None
+    first = min(h.created_at for h in hooks if h.created_at is not None)
+    async with res.db.acquire() as conn:
+        await followup_store.set_fact(conn, INSTALLED_AT, first.isoformat(), keep_existing=True)
+    return first
 
 
 async def check(res: Resources) -> dict[str, dict[str, int]]:
     """Compare cached loads with Twenty's, in one groupBy call; changes nothing. member -> {cached, true}."""
     assert res.twenty is not None
     true_loads = await res.twenty.count_open_tasks_by_assignee(res.settings.load_statuses)
-    cached = await res.cache.loads()
+    cached = await assignees.member_loads(res.db, res.cache, res.settings)
     members = sorted(cached.keys() | {m for m in true_loads if m})
     return {m: {"cached": cached.get(m, 0), "true": true_loads.get(m, 0)} for m in members}
 

@@ -31,7 +31,14 @@ class Resources:
     def follow_up_deps(self) -> FollowUpDeps:
         assert self.twenty is not None, "follow-ups need Twenty configured"
         return FollowUpDeps(db=self.db, twenty=self.twenty, cache=self.cache, llm_http=self.llm_http,
-                            settings=self.settings, queue=self.redis)  # fmt: skip
+                            settings=self.settings)  # fmt: skip
+
+
+def workspace_key(settings: Settings) -> str:
+    """Names the Twenty workspace (its URL and token) without revealing the token: the load cache and the member
+    list are kept per workspace, so a change of workspace never assigns to members of the previous one."""
+    token = settings.twenty_rest_token.get_secret_value() if settings.twenty_rest_token else ""
+    return hashlib.sha256(f"{settings.twenty_rest_url or ''}|{token}".encode()).hexdigest()[:16]
 
 
 def twenty_bucket_key(token: str) -> str:
@@ -59,5 +66,5 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
                                   min_rate_limited_wait_s=limiter.token_interval_s)  # fmt: skip
         llm_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.llm_timeout_s, connect=2.0))
         stack.push_async_callback(llm_http.aclose)
-        cache = LoadCache(redis, load_statuses=settings.load_statuses)
+        cache = LoadCache(redis, load_statuses=settings.load_statuses, workspace=workspace_key(settings))
         yield Resources(settings=settings, db=db, redis=redis, twenty=twenty, cache=cache, llm_http=llm_http)

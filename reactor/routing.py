@@ -2,19 +2,18 @@
 
 A member is a candidate unless they are away (indefinitely or until a time) or outside their working hours in their
 own time zone. Among candidates, the lowest open load divided by capacity weight wins (ASSIGNEE_WEIGHTS), skipping
-anyone at their cap (per member, else MEMBER_MAX_OPEN_TASKS); ties go to the least recently assigned. The load part
-is one atomic Redis script (loadcache.pick); availability is decided here, just before it. When nobody can take the
-task, FALLBACK_ASSIGNEE_EMAIL does, or the follow-up waits and is tried again. Every decision is stored with every
+anyone at their cap (per member, else MEMBER_MAX_OPEN_TASKS); ties go to the least recently assigned. Availability is
+decided here; the picks themselves are made by assignees.assign (lifecycle.pick). When nobody can take the task,
+FALLBACK_ASSIGNEE_EMAIL does, or the follow-up waits and is tried again. Every decision is stored with every
 candidate as it was (`assignment_decisions`, GET /assignments).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -22,7 +21,6 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reactor import store
-from reactor.loadcache import LoadCache
 from reactor.settings import Settings
 
 log = logging.getLogger("reactor.assign")
@@ -135,37 +133,6 @@ def candidates(
         else:
             open_to[member] = (weight, cap)
     return open_to, skipped
-
-
-async def decide(
-    cache: LoadCache, db: asyncpg.Pool, settings: Settings, *, task_id: str, person_id: str | None,
-    exclude: str | None = None, rule_prefix: str = "",
-) -> Decision:  # fmt: skip
-    """Choose (and reserve, under `task_id`) the member for a task, and store the decision."""
-    moment = dt.datetime.now(dt.UTC)
-    weights = await cache.members()
-    availability = await read_availability(db)
-    open_to, skipped = candidates(weights, availability, settings, moment)
-    if exclude is not None and exclude in open_to:
-        weight, cap = open_to.pop(exclude)
-        skipped.append(Candidate(exclude, weight, cap, skipped="current_assignee"))
-    pick = await cache.pick(task_id, open_to) if open_to else None
-    loads = pick.loads_seen if pick else {}
-    seen = [Candidate(m, w, c, load=loads.get(m), skipped="capped" if c and loads.get(m, 0) >= c else None)
-            for m, (w, c) in open_to.items()] + skipped  # fmt: skip
-    member, rule = (pick.member_id, pick.rule) if pick and pick.member_id else (None, "none_available")
-    if member is None and settings.fallback_assignee_email:
-        fallback = (await cache.member_ids_by_email()).get(settings.fallback_assignee_email)
-        if fallback is not None:
-            member, rule = fallback, "fallback"
-            await cache.reserve(task_id, fallback)
-    decision = Decision(member, rule_prefix + rule, seen)
-    async with db.acquire() as conn:
-        await store.record_decision(conn, person_id=person_id, task_id=task_id, member=member, rule=decision.rule,
-                                    candidates=[asdict(c) for c in seen])  # fmt: skip
-    log.info("assign.decided task=%s member=%s rule=%s candidates=%s", task_id, member, decision.rule,
-             json.dumps({c.member: c.skipped or c.load for c in seen}))  # fmt: skip
-    return decision
 
 
 async def recent_decisions(db: asyncpg.Pool, *, person_id: str | None, limit: int) -> list[dict[str, Any]]:

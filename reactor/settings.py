@@ -47,7 +47,7 @@ class Settings(BaseSettings):
 
     twenty_rest_url: str | None = Field(None, validation_alias="TWENTY_REST_URL")
     twenty_rest_token: SecretStr | None = Field(None, validation_alias="TWENTY_REST_TOKEN")
-    twenty_batch_size: int = Field(60, ge=1, le=200, validation_alias="TWENTY_BATCH_SIZE")
+    twenty_batch_size: int = Field(200, ge=1, le=200, validation_alias="TWENTY_BATCH_SIZE")
     twenty_rate_limit: int = Field(100, ge=1, validation_alias="TWENTY_RATE_LIMIT")
     twenty_rate_window_s: float = Field(60.0, gt=0, validation_alias="TWENTY_RATE_WINDOW_S")
     # Lead column -> custom Person field, e.g. "current_credit:budget". Only named columns are sent.

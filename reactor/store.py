@@ -235,6 +235,16 @@ async def claim_unsynced(conn: Conn, *, limit: int, lease_s: float) -> list[asyn
     )
 
 
+async def renew_sync_leases(conn: Conn, lead_ids: list[str], *, lease_s: float) -> None:
+    """Extend the leases of leads still being pushed (a drain round's heartbeat)."""
+    await conn.execute(
+        """UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2)
+           WHERE lead_id = ANY($1::text[]) AND sync_claimed_until IS NOT NULL""",
+        lead_ids,
+        lease_s,
+    )
+
+
 async def give_up_sync(conn: Conn, errors: Mapping[str, str]) -> None:
     """Twenty rejected these leads (lead_id -> error): count the attempt and stop sweeping them."""
     await conn.execute(
@@ -325,100 +335,6 @@ async def take_failed_jobs(conn: Conn, *, job_name: str | None, failed_id: int |
 
 
 # -- follow-ups ------------------------------------------------------------------------------------------
-
-STALE_PENDING_S = 120  # a pending follow-up this old was left by a worker that died (attempts take seconds)
-
-
-async def begin_follow_up(conn: Conn, person_id: str, *, task_id: str, target_id: str) -> asyncpg.Record | None:
-    """Take the person's one open follow-up slot: the new row, or None when an open or pending one exists."""
-    return await conn.fetchrow(
-        """INSERT INTO follow_ups (person_id, task_id, target_id) VALUES ($1, $2, $3)
-           ON CONFLICT (person_id) WHERE state IN ('pending', 'open') DO NOTHING
-           RETURNING *""",
-        person_id,
-        task_id,
-        target_id,
-    )
-
-
-async def current_follow_up(conn: Conn, person_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        "SELECT * FROM follow_ups WHERE person_id = $1 AND state IN ('pending', 'open')", person_id
-    )
-
-
-async def open_follow_up(
-    conn: Conn, task_id: str, *, assignee_id: str | None, llm_used: bool, task_version: str | None
-) -> None:
-    await conn.execute(
-        """UPDATE follow_ups SET state = 'open', assignee_id = $2, llm_used = $3, opened_at = now(),
-                                 last_error = NULL, wait_until = NULL, task_version = $4
-           WHERE task_id = $1 AND state = 'pending'""",
-        task_id, assignee_id, llm_used, task_version,
-    )  # fmt: skip
-
-
-async def wait_follow_up(conn: Conn, task_id: str, *, seconds: float) -> None:
-    """Nobody can take the follow-up now: keep the person's slot, and try again after `seconds`."""
-    await conn.execute(
-        "UPDATE follow_ups SET wait_until = now() + make_interval(secs => $2) WHERE task_id = $1 AND state = 'pending'",
-        task_id, float(seconds),
-    )  # fmt: skip
-
-
-async def resumable_follow_ups(conn: Conn) -> list[str]:
-    """People whose follow-up should be tried again now: its wait for an available member is over, or it was
-    left pending (a failed attempt, or a worker that died) long enough ago."""
-    rows = await conn.fetch(
-        """SELECT person_id FROM follow_ups WHERE state = 'pending'
-           AND (wait_until <= now() OR (wait_until IS NULL AND created_at < now() - make_interval(secs => $1)))""",
-        float(STALE_PENDING_S),
-    )
-    return [row["person_id"] for row in rows]
-
-
-async def follow_up_by_task(conn: Conn, task_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM follow_ups WHERE task_id = $1", task_id)
-
-
-async def reassign_follow_up(conn: Conn, task_id: str, *, assignee_id: str, task_version: str | None) -> None:
-    await conn.execute(
-        """UPDATE follow_ups SET assignee_id = $2, task_version = $3, reassignments = reassignments + 1
-           WHERE task_id = $1 AND state = 'open'""",
-        task_id, assignee_id, task_version,
-    )  # fmt: skip
-
-
-async def close_follow_up(conn: Conn, task_id: str, *, state: str = "closed", error: str | None = None) -> bool:
-    """The task is done or gone (closed), or could not be created (failed): the person's slot is free again."""
-    status = await conn.execute(
-        """UPDATE follow_ups SET state = $2, closed_at = now(), last_error = coalesce($3, last_error)
-           WHERE task_id = $1 AND state IN ('pending', 'open')""",
-        task_id,
-        state,
-        error,
-    )
-    return status != "UPDATE 0"
-
-
-async def note_follow_up_error(conn: Conn, task_id: str, error: str) -> None:
-    await conn.execute("UPDATE follow_ups SET last_error = $2 WHERE task_id = $1", task_id, error)
-
-
-async def stale_pending_follow_ups(conn: Conn, *, older_than_s: float = STALE_PENDING_S) -> list[str]:
-    """People whose follow-up was left pending (a worker that died, an outage, a lost job) and is not waiting for
-    an available member: to be resumed. Resuming is idempotent (same ids), so a young one may be too."""
-    rows = await conn.fetch(
-        """SELECT person_id FROM follow_ups WHERE state = 'pending' AND (wait_until IS NULL OR wait_until <= now())
-           AND created_at <= now() - make_interval(secs => $1)""",
-        float(older_than_s),
-    )
-    return [row["person_id"] for row in rows]
-
-
-async def people_with_follow_ups(conn: Conn) -> set[str]:
-    rows = await conn.fetch("SELECT person_id FROM follow_ups WHERE state IN ('pending', 'open')")
-    return {row["person_id"] for row in rows}
 
 
 async def lead_for_person(conn: Conn, person_id: str) -> asyncpg.Record | None:

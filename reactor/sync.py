@@ -33,7 +33,7 @@ TRASH_SNAPSHOT_MAX = 2000  # a backlog run reads a trash this small whole (10 ca
 class SyncOptions:
     field_map: Mapping[str, str]
     restore_deleted: bool
-    batch_size: int = 60
+    batch_size: int = 200
     lease_s: float = LEASE_S
 
     @classmethod

@@ -5,6 +5,10 @@ Rules from Twenty's source (see README, "Twenty's API as reactor uses it"):
 * filters are one `filter` string; string values are double-quoted and may not hold `"()[]` (no escaping exists);
 * batches hold at most 200 records and fail as a whole; a plain DELETE is a hard delete;
 * errors are `{"statusCode", "error", "messages": [...]}`; 429 may come without Retry-After.
+
+Servers in the wild differ (docs/twenty-compatibility.md): task targets name the person `targetPersonId` (1.17 and
+later) or `personId` (before); groupBy takes the relation form or the join column; the metadata API of older
+servers refuses any query string. The client detects each once per process and learns from a refusal.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -23,7 +28,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from reactor import metrics
-from reactor.ratelimit import Limiter, RateLimitUnavailable, Unlimited
+from reactor.ratelimit import Limiter, Permit, RateLimitUnavailable, Unlimited
 
 log = logging.getLogger("reactor.twenty")
 
@@ -31,6 +36,11 @@ PAGE_SIZE = 200  # Twenty's QUERY_MAX_RECORDS
 MAX_BATCH = 200
 TIMEOUT = httpx.Timeout(connect=3.0, read=15.0, write=10.0, pool=5.0)
 OPEN_STATUSES = ("TODO", "IN_PROGRESS")
+# The person a task target points at: Twenty 1.17 and later, then the servers before it.
+TARGET_PERSON_FIELDS = ("targetPersonId", "personId")
+# groupBy on the assignee: the relation form (1.16-era servers refuse the join column), then the join column.
+ASSIGNEE_GROUP_BY = ('[{"assignee":{"id":true}}]', '[{"assigneeId":true}]')
+_NO_SUCH_FIELD = re.compile(r"doesn't have any \"(\w+)\" field")
 TaskStatus = Literal["TODO", "IN_PROGRESS", "DONE"]
 
 
@@ -46,6 +56,19 @@ class TwentyUnavailable(TwentyError):
     def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
+
+    @property
+    def reason(self) -> str:
+        """The label of a retry: the HTTP status, or `network` for a timeout or a connection error."""
+        return str(self.status) if self.status else "network"
+
+
+class RateBudgetExhausted(TwentyUnavailable):
+    """reactor's own shared pace had no slot in time (or Redis, which keeps it, is down): no call was made."""
+
+    @property
+    def reason(self) -> str:
+        return "rate_limit_wait"
 
 
 class TwentyAuthError(TwentyUnavailable):
@@ -86,6 +109,7 @@ class Person(TwentyModel):
     phones: Phones | None = None
     job_title: str | None = None
     city: str | None = None
+    created_at: datetime | None = None
     deleted_at: datetime | None = None
 
     @property
@@ -132,6 +156,7 @@ class Webhook(TwentyModel):
     operations: list[str] = Field(default_factory=list)
     description: str | None = None
     secret: str | None = None
+    created_at: datetime | None = None
 
 
 class PersonInput(BaseModel):
@@ -258,29 +283,36 @@ class TwentyClient:
         self._min_rate_limited_wait_s = min_rate_limited_wait_s
         self._sleep = sleep
         self._task_target_person_field: str | None = None
+        self._detecting = asyncio.Lock()  # concurrent first callers share one metadata call
+        self._assignee_group_by: str | None = None
 
     # -- transport ----------------------------------------------------------------------------------------
 
-    async def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None) -> Any:
-        """One logical call: its JSON body on 2xx; TwentyUnavailable/TwentyRejected otherwise."""
+    async def request(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None, limited: bool = True
+    ) -> Any:
+        """One logical call: its JSON body on 2xx; TwentyUnavailable/TwentyRejected otherwise. `limited=False`
+        for the endpoints Twenty does not throttle (metadata, webhook subscriptions)."""
         for attempt in range(1, self._max_attempts + 1):
-            failure = await self._attempt(method, path, params, json)
+            failure = await self._attempt(method, path, params, json, limited)
             if not isinstance(failure, TwentyUnavailable):
                 return failure
             if isinstance(failure, TwentyAuthError) or attempt == self._max_attempts:
                 raise failure
             delay = self._backoff(attempt, failure)
-            metrics.TWENTY_RETRIES.labels(str(failure.status or "network")).inc()
+            metrics.TWENTY_RETRIES.labels(failure.reason).inc()
             log.info("twenty.retry method=%s path=%s attempt=%d delay_s=%.2f error=%s",
                      method, path, attempt, delay, failure)  # fmt: skip
             await self._sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _attempt(self, method: str, path: str, params: dict[str, Any] | None, json: Any) -> Any:
-        try:
-            await self._limiter.acquire()
-        except RateLimitUnavailable as exc:
-            return TwentyUnavailable(str(exc))
+    async def _attempt(self, method: str, path: str, params: dict[str, Any] | None, json: Any, limited: bool) -> Any:
+        permit = Permit()
+        if limited:
+            try:
+                permit = await self._limiter.acquire()
+            except RateLimitUnavailable as exc:
+                return RateBudgetExhausted(str(exc))
         op = metrics.operation(method, path)
         try:
             response = await self._http.request(method, path, params=params, json=json)
@@ -292,6 +324,9 @@ class TwentyClient:
             return TwentyUnavailable(f"Twenty unreachable ({type(exc).__name__}) on {method} {path}")
         status = response.status_code
         metrics.TWENTY_CALLS.labels(op, str(status)).inc()
+        if limited and (status == 429 or response.headers.get("X-RateLimit-Remaining") == "0"):
+            # The fleet slows down now, before its next call; a 2xx with nothing remaining is a 429 avoided.
+            await self._limiter.slow_down(permit, _retry_after(response) or _reset_after(response))
         if status < 300:
             try:
                 return response.json()
@@ -445,27 +480,50 @@ class TwentyClient:
         await self.request("DELETE", f"/tasks/{task_id}", params={"soft_delete": "true"})
 
     async def create_task_target(self, task_id: str, person_id: str, *, target_id: str | None = None) -> TaskTarget:
-        field = await self.task_target_person_field()
-        record = {"taskId": task_id, field: person_id} | ({"id": target_id} if target_id else {})
+        """Link a task to its person with the field this server has. If the server refuses the field name, the
+        other one is learnt and the link retried: a refusal for the name never leaves the task unlinked."""
         params = {"upsert": "true"} if target_id else None
-        body = await self.request("POST", "/taskTargets", params=params, json=record)
+
+        async def post(field: str) -> Any:
+            record = {"taskId": task_id, field: person_id} | ({"id": target_id} if target_id else {})
+            return await self.request("POST", "/taskTargets", params=params, json=record)
+
+        body = await self._with_target_person_field(post)
         return TaskTarget.model_validate(body["data"]["createTaskTarget"])
 
     async def create_task_targets(self, links: Sequence[tuple[str, str, str]]) -> list[TaskTarget]:
-        """Batch links (target id, task id, person id), upserted on the target ids reactor chose."""
-        field = await self.task_target_person_field()
+        """Batch links (target id, task id, person id), upserted on the target ids reactor chose; the field name
+        is learnt from a refusal as in create_task_target (a batch fails as a whole, so retrying it is safe)."""
         created: list[TaskTarget] = []
         for start in range(0, len(links), self.batch_size):
-            chunk = [{"id": target, "taskId": task, field: person} for target, task, person in
-                     links[start : start + self.batch_size]]  # fmt: skip
-            body = await self.request("POST", "/batch/taskTargets", params={"upsert": "true"}, json=chunk)
+            batch = links[start : start + self.batch_size]
+
+            async def post(field: str, batch: Sequence[tuple[str, str, str]] = batch) -> Any:
+                chunk = [{"id": target, "taskId": task, field: person} for target, task, person in batch]
+                return await self.request("POST", "/batch/taskTargets", params={"upsert": "true"}, json=chunk)
+
+            body = await self._with_target_person_field(post)
             created += [TaskTarget.model_validate(item) for item in body["data"]["createTaskTargets"]]
         return created
+
+    async def _with_target_person_field(self, write: Callable[[str], Any]) -> Any:
+        field = await self.task_target_person_field()
+        try:
+            return await write(field)
+        except TwentyRejected as exc:
+            match = _NO_SUCH_FIELD.search(str(exc))
+            if match is None or match.group(1) != field:
+                raise
+            other = next(name for name in TARGET_PERSON_FIELDS if name != field)
+            if self._task_target_person_field == field:  # another caller may have learnt it meanwhile
+                self._task_target_person_field = other
+                log.warning("twenty.task_target_field_learnt refused=%s using=%s", field, other)
+        return await write(other)
 
     # -- webhook subscriptions (not rate-limited by Twenty) ----------------------------------------------
 
     async def list_webhooks(self) -> list[Webhook]:
-        body = await self.request("GET", "/webhooks")
+        body = await self.request("GET", "/webhooks", limited=False)
         items = body if isinstance(body, list) else body.get("data", {}).get("webhooks", [])
         return [Webhook.model_validate(item) for item in items]
 
@@ -475,25 +533,29 @@ class TwentyClient:
         """The secret is sent, not left to Twenty: servers before 2.x refuse a subscription without one."""
         record = {"targetUrl": target_url, "operations": list(operations), "description": description,
                   "secret": secret}  # fmt: skip
-        body = await self.request("POST", "/webhooks", json=record)
+        body = await self.request("POST", "/webhooks", json=record, limited=False)
         return Webhook.model_validate(body.get("data", body) if isinstance(body, dict) else body)
 
     async def update_webhook(self, webhook_id: str, operations: Sequence[str], description: str) -> Webhook:
         record = {"operations": list(operations), "description": description}
-        body = await self.request("PATCH", f"/webhooks/{webhook_id}", json=record)
+        body = await self.request("PATCH", f"/webhooks/{webhook_id}", json=record, limited=False)
         return Webhook.model_validate(body.get("data", body) if isinstance(body, dict) else body)
 
     async def task_target_person_field(self) -> str:
-        """`targetPersonId` (Twenty 1.17 and later) or `personId` (before), read once from the metadata API."""
+        """`targetPersonId` (Twenty 1.17 and later) or `personId` (before), read once per client (process) from
+        the metadata API; callers that arrive while it is being read wait for that one call."""
         if self._task_target_person_field is None:
-            self._task_target_person_field = await self._detect_task_target_person_field()
+            async with self._detecting:
+                if self._task_target_person_field is None:
+                    self._task_target_person_field = await self._detect_task_target_person_field()
         return self._task_target_person_field
 
     async def _detect_task_target_person_field(self) -> str:
         try:
-            body = await self.request("GET", "/metadata/objects", params={"limit": 1000})
-        except TwentyRejected as exc:
-            log.warning("twenty.metadata_unreadable error=%s (assuming targetPersonId)", exc)
+            # No query string: 1.16-era servers read it as part of the path and answer 400 (rest/53).
+            body = await self.request("GET", "/metadata/objects", limited=False)
+        except (TwentyRejected, TwentyAuthError) as exc:
+            log.warning("twenty.metadata_unreadable error=%s (assuming targetPersonId until a write says)", exc)
             return "targetPersonId"
         for obj in _nodes(body.get("data", {}).get("objects", [])):
             if obj.get("nameSingular") == "taskTarget":
@@ -504,14 +566,27 @@ class TwentyClient:
         return "targetPersonId"
 
     async def count_open_tasks_by_assignee(self, statuses: Sequence[str] = OPEN_STATUSES) -> dict[str | None, int]:
-        """Tasks in these statuses per assignee, in one groupBy call; None counts the unassigned."""
-        body = await self.request("GET", "/tasks/groupBy", params={
-            "group_by": '[{"assigneeId":true}]',
-            "aggregate": '["totalCount"]',
-            "filter": f"status[in]:{one_of(statuses)}",
-            "limit": PAGE_SIZE,
-        })  # fmt: skip
+        """Tasks in these statuses per assignee, in one groupBy call; None counts the unassigned. The groupBy
+        shape the server takes is found on the first call (a refused one costs one more) and remembered."""
+        known = self._assignee_group_by
+        shapes = ([known] if known else []) + [shape for shape in ASSIGNEE_GROUP_BY if shape != known]
+        for shape in shapes:
+            try:
+                body = await self.request("GET", "/tasks/groupBy", params={
+                    "group_by": shape,
+                    "aggregate": '["totalCount"]',
+                    "filter": f"status[in]:{one_of(statuses)}",
+                    "limit": PAGE_SIZE,
+                })  # fmt: skip
+            except TwentyRejected as exc:
+                if shape == shapes[-1]:
+                    raise
+                log.info("twenty.group_by_refused shape=%s error=%s (trying the other shape)", shape, exc)
+                continue
+            self._assignee_group_by = shape
+            break
         groups = body if isinstance(body, list) else body.get("data", [])
+        # Counts come from a SQL COUNT and arrive as strings on some servers (rest/56).
         return {group["groupByDimensionValues"][0]: int(group["totalCount"]) for group in groups}
 
 
@@ -541,6 +616,15 @@ def _messages(response: httpx.Response) -> str:
         if messages:
             return str(messages)
     return str(body)[:200]
+
+
+def _reset_after(response: httpx.Response) -> float | None:
+    """X-RateLimit-Reset as seconds from now (Twenty's v2 limiter; epoch values are not trusted as a pause)."""
+    try:
+        value = float(response.headers.get("X-RateLimit-Reset", ""))
+    except ValueError:
+        return None
+    return value if 0 <= value <= 3600 else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:

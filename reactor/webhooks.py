@@ -12,7 +12,12 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+
+from pydantic import ValidationError
+
+from reactor.twenty import Person
 
 SIGNATURE = "x-twenty-webhook-signature"
 TIMESTAMP = "x-twenty-webhook-timestamp"
@@ -72,14 +77,50 @@ class MalformedEvent(ValueError):
     pass
 
 
+# The record fields reactor reads (events.task_state, Event.event_id, the follow-up job's Person): each must have
+# the type Twenty sends, or the event is refused here, so no code below meets an int where it expects a date.
+_TIMES = ("createdAt", "updatedAt", "deletedAt")
+_TEXTS = ("assigneeId", "status")
+
+
+def _check_record(name: str, record: dict[str, Any]) -> None:
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        raise MalformedEvent("record.id is missing or not a string")
+    for key in _TIMES:
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise MalformedEvent(f"record.{key} must be an ISO 8601 date-time string or null")
+        try:
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise MalformedEvent(f"record.{key} is not an ISO 8601 date-time") from None
+    for key in _TEXTS:
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise MalformedEvent(f"record.{key} must be a string or null")
+    if name.startswith("person."):
+        try:  # with the model the follow-up job reads it with
+            Person.model_validate(record)
+        except ValidationError as exc:
+            where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise MalformedEvent(f"record.{where}: {exc.errors()[0]['msg']}") from None
+
+
 def parse_event(body: Any) -> Event:
+    """The event in a verified delivery; MalformedEvent (a 400) for any shape or type reactor cannot use."""
     if not isinstance(body, dict):
         raise MalformedEvent("the body is not a JSON object")
     name, record = body.get("eventName"), body.get("record")
     if not isinstance(name, str) or "." not in name:
         raise MalformedEvent("eventName is missing or not '<object>.<action>'")
-    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-        raise MalformedEvent("record.id is missing")
-    fields = body.get("updatedFields") or ()
-    return Event(name=name, webhook_id=str(body.get("webhookId") or ""), record=record,
-                 updated_fields=tuple(str(f) for f in fields))  # fmt: skip
+    if not isinstance(record, dict):
+        raise MalformedEvent("record is missing or not an object")
+    _check_record(name, record)
+    webhook_id = body.get("webhookId")
+    if webhook_id is not None and not isinstance(webhook_id, str):
+        raise MalformedEvent("webhookId must be a string")
+    fields = body.get("updatedFields")
+    if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
+        raise MalformedEvent("updatedFields must be a list of strings")
+    return Event(name=name, webhook_id=webhook_id or "", record=record, updated_fields=tuple(fields or ()))

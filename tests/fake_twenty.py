@@ -33,6 +33,10 @@ class FakeTwenty:
     reject_tasks: bool = False  # task creation answers 400
     task_target_field: str = "targetPersonId"  # "personId" plays a server from before 1.17
     on_task_page: Callable[[int], None] | None = None  # called as each page of tasks is served
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
+    reject_task_ids: set[str] = field(default_factory=set)  # a batch holding one of these task ids gets a 400
+    fail_targets_next: list[httpx.Response] = field(default_factory=list)  # answered first by task-target calls
+    on_tasks_created: Callable[[list[dict[str, Any]]], None] | None = None  # e.g. to send their webhooks early
     _clock: int = 0
 
     def install(self, router: respx.MockRouter) -> None:
@@ -46,6 +50,8 @@ class FakeTwenty:
         router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks/groupBy").mock(side_effect=self._group_tasks)
         router.get(url__regex=rf"{re.escape(BASE_URL)}/tasks/[^/?]+").mock(side_effect=self._get_task)
         router.patch(url__regex=rf"{re.escape(BASE_URL)}/tasks/[^/?]+").mock(side_effect=self._update_task)
+        router.delete(url__regex=rf"{re.escape(BASE_URL)}/tasks/[^/?]+").mock(side_effect=self._delete_task)
+        router.get(url__regex=rf"{re.escape(BASE_URL)}/(metadata/)?webhooks$").mock(side_effect=self._webhooks)
         router.post(url__regex=rf"{re.escape(BASE_URL)}/(batch/)?taskTargets").mock(side_effect=self._create_targets)
         router.get(f"{BASE_URL}/workspaceMembers").mock(side_effect=self._members)
         router.get(f"{BASE_URL}/metadata/objects").mock(side_effect=self._metadata)
@@ -82,6 +88,8 @@ class FakeTwenty:
         if self.reject_tasks:
             return _error(400, "Invalid assignee")
         records = json.loads(request.content)
+        if any(r.get("id") in self.reject_task_ids for r in (records if batch else [records])):
+            return _error(400, "Invalid assignee")
         saved = []
         for record in records if batch else [records]:
             task = self.tasks.setdefault(record.get("id") or str(uuid.uuid4()), {"deletedAt": None})
@@ -90,6 +98,8 @@ class FakeTwenty:
             task["updatedAt"] = "2026-11-24T12:00:00.000Z"
             saved.append(task)
         key = "createTasks" if batch else "createTask"
+        if self.on_tasks_created is not None:
+            self.on_tasks_created([dict(task) for task in saved])
         return httpx.Response(201, json={"data": {key: saved if batch else saved[0]}})
 
     def _open_tasks(self, text: str) -> list[dict[str, Any]]:
@@ -123,6 +133,29 @@ class FakeTwenty:
         self._clock += 1
         self.tasks[task_id]["updatedAt"] = f"2026-11-24T13:{self._clock // 60 % 60:02d}:{self._clock % 60:02d}.000Z"
 
+    def _delete_task(self, request: httpx.Request) -> httpx.Response:
+        self.calls["delete_task"] += 1
+        task = self.tasks.get(request.url.path.rsplit("/", 1)[-1])
+        if task is None:
+            return _error(404, "Record not found")
+        task["deletedAt"] = "2026-11-24T14:00:00.000Z"
+        return httpx.Response(200, json={"data": {"deleteTask": {"id": task["id"]}}})
+
+    def _webhooks(self, request: httpx.Request) -> httpx.Response:
+        self.calls["webhooks"] += 1
+        return httpx.Response(200, json=self.webhooks)
+
+    def add_webhook(self, created_at: str) -> None:
+        self.webhooks.append(
+            {
+                "id": str(uuid.uuid4()),
+                "targetUrl": "http://reactor.test/webhooks/twenty",
+                "operations": ["person.created", "task.*"],
+                "secret": "s",
+                "createdAt": created_at,
+            }
+        )
+
     def _get_task(self, request: httpx.Request) -> httpx.Response:
         self.calls["get_task"] += 1
         task = self.tasks.get(request.url.path.rsplit("/", 1)[-1])
@@ -133,7 +166,7 @@ class FakeTwenty:
     def _create_targets(self, request: httpx.Request) -> httpx.Response:
         batch = "/batch/" in request.url.path
         self.calls["batch_targets" if batch else "create_target"] += 1
-        if failure := self._failure():
+        if failure := self._failure() or (self.fail_targets_next.pop(0) if self.fail_targets_next else None):
             return failure
         records = json.loads(request.content)
         saved = []
@@ -157,11 +190,19 @@ class FakeTwenty:
         return httpx.Response(200, json={"data": {"objects": [{"nameSingular": "taskTarget", "fields": fields}]}})
 
     def add_person(
-        self, email: str, *, deleted: bool = False, phone: str | None = None, first: str = "", last: str = ""
+        self,
+        email: str,
+        *,
+        deleted: bool = False,
+        phone: str | None = None,
+        first: str = "",
+        last: str = "",
+        created_at: str = "2026-11-01T00:00:00.000Z",
     ) -> str:
         person_id = str(uuid.uuid4())
         self.people[person_id] = {
             "id": person_id,
+            "createdAt": created_at,
             "name": {"firstName": first, "lastName": last},
             "emails": {"primaryEmail": email, "additionalEmails": None},
             "phones": {"primaryPhoneNumber": phone or "", "primaryPhoneCountryCode": "", "primaryPhoneCallingCode": ""},
@@ -231,6 +272,8 @@ def _matches(person: dict[str, Any], text: str) -> bool:
         if op == "in" and value not in [v.strip().strip('"') for v in wanted.strip("[]").split(",")]:
             return False
         if op == "is" and (value is None) != (wanted == "NULL"):
+            return False
+        if op == "gte" and (value is None or str(value) < wanted):  # ISO timestamps order as text
             return False
     return True
 

@@ -136,7 +136,7 @@ async def test_replay_re_enqueues_dead_letters(
         assert await conn.fetchval("SELECT replayed_at IS NOT NULL FROM failed_jobs") is True
     finally:
         await conn.close()
-    assert await redis.exists("arq:job:sync:d1") == 1
+    assert await redis.zcard("arq:queue") == 0  # the lead waits again as a row: the drain takes it
 
 
 def test_webhook_install_creates_then_updates_and_status_reports(
@@ -175,6 +175,7 @@ def test_webhook_install_creates_then_updates_and_status_reports(
     assert hooks[0]["operations"] == ["person.created", "task.*"]
     assert f"TWENTY_WEBHOOK_SECRET={hooks[0]['secret']}" in first
     assert "OUTBOUND_HTTP_ALLOWED_INTERNAL_HOSTS" in first  # loopback: Twenty would refuse it by default
+    assert "OUTBOUND_HTTP_SAFE_MODE_ENABLED=false" in first  # the only setting on 1.16-era servers
     assert second.startswith("updated webhook w1")
     assert "missing for reactor: nothing" in status
     assert "secret: matches TWENTY_WEBHOOK_SECRET" in status
@@ -217,6 +218,37 @@ def test_reconcile_cli_reports_drift_as_json(
     assert (dry["dry_run"], dry["drift"]) == (True, {"m1": {"cached": 0, "true": 1}})
     assert "m1: 0 -> 1" in summary
     assert clean.strip().endswith("no drift")
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "both groupBy shapes refused", "redis down"])
+def test_reconcile_check_exits_2_with_the_reason_on_one_line_when_it_cannot_ask(
+    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    failure: str,
+) -> None:  # fmt: skip
+    """0 is clean and 1 is drift (above); 2 says nothing is known, so a probe does not report drift that is not."""
+    from reactor.cli import main
+
+    if failure == "redis down":
+        redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    for name, value in _env(database_url, redis_url, TWENTY_REST_URL="http://twenty.test", TWENTY_REST_TOKEN="tok",
+                            TWENTY_MAX_ATTEMPTS="1").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with respx.mock(assert_all_called=False) as router:
+        route = router.get(url__regex=r"/tasks/groupBy")
+        if failure == "both groupBy shapes refused":
+            refused = {"statusCode": 400, "error": "E", "messages": ["column task.assignee does not exist"]}
+            route.mock(return_value=httpx.Response(400, json=refused))
+        else:
+            route.mock(side_effect=httpx.ConnectError("connection refused"))
+        assert main(["reconcile", "--check"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("reactor:")]  # the rest is the JSON log
+    assert len(lines) == 1, err
+    assert lines[0].startswith("reactor: reconcile --check: ")
+    assert "could not be asked" in lines[0]
+    expected = {"unreachable": "ConnectError", "both groupBy shapes refused": "column task.assignee does not exist",
+                "redis down": "unavailable"}[failure]  # fmt: skip
+    assert expected in lines[0]
 
 
 def _second_terminal(env: dict[str, str]) -> dict[str, str]:

@@ -261,6 +261,5 @@ async def test_faults_then_reconcile_leave_the_same_invariants(stack: Stack, db:
     await until(lambda: settled(stack, db, lead_ids), stack, timeout_s=60, db=db)
     await until(lambda: cache_matches_truth(stack), stack, timeout_s=30)
     distinct = len({lead["email"] for lead in leads_with_repeats(40, 10, seed=2)})
-    # Loads within 2, not 1: Redis killed while a follow-up is being created loses that task's reservation, and the
-    # picks made before its creation lands do not see it. Reconcile makes the cache true; it does not move tasks.
-    await assert_invariants(stack, db, lead_ids, distinct, balance=2)
+    # Loads within 1 even so: reservations are follow-up rows in PostgreSQL, which the Redis restart does not touch.
+    await assert_invariants(stack, db, lead_ids, distinct)

@@ -1,14 +1,15 @@
-"""The member-load cache on the real Redis: task events, picks, reservations and rebuilds."""
+"""The member-load cache on the real Redis (tasks reactor did not create), and the pure pick rules."""
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections import Counter
 
 import pytest
 from redis.asyncio import Redis
 
-from reactor.loadcache import LoadCache, TaskState
+from reactor import lifecycle
+from reactor.loadcache import TOMBSTONE_S, LoadCache, TaskState
 
 pytestmark = pytest.mark.anyio
 
@@ -17,8 +18,8 @@ MEMBERS = ["m1", "m2", "m3", "m4", "m5"]
 
 @pytest.fixture
 async def cache(redis: Redis) -> LoadCache:
-    cache = LoadCache(redis, load_statuses=["TODO"])
-    await cache.set_members(dict.fromkeys(MEMBERS, 1.0))
+    cache = LoadCache(redis, load_statuses=["TODO"], workspace="test")
+    await cache.set_members(dict.fromkeys(MEMBERS, 1.0), {}, {})
     return cache
 
 
@@ -26,51 +27,27 @@ def task(task_id: str, assignee: str | None, status: str = "TODO", version: int 
     return TaskState(task_id=task_id, assignee_id=assignee, status=status, version_ms=version, **kw)
 
 
-async def test_fifty_concurrent_picks_over_five_equal_members_give_each_ten(cache: LoadCache) -> None:
-    picks = await asyncio.gather(*(cache.pick(f"r{i}") for i in range(50)))
-    per_member = Counter(pick.member_id for pick in picks if pick is not None)
-    assert per_member == dict.fromkeys(MEMBERS, 10)
-    assert await cache.loads() == dict.fromkeys(MEMBERS, 10)
+def test_the_lowest_load_wins_and_ties_go_to_the_least_recently_assigned() -> None:
+    everyone = dict.fromkeys(MEMBERS, (1.0, 0))
+    loads = {"m1": 2, "m2": 1, "m3": 1, "m4": 1}
+    assert lifecycle.pick(everyone, loads, {}) == lifecycle.Choice("m5", "lowest_weighted_load")
+    tied = lifecycle.pick(everyone, loads | {"m5": 1}, {"m2": 5.0, "m3": 3.0, "m4": 4.0, "m5": 6.0})
+    assert tied == lifecycle.Choice("m3", "tie_least_recently_assigned")
 
 
-async def test_the_lowest_load_wins_and_ties_go_to_the_least_recently_assigned(cache: LoadCache) -> None:
-    for i, member in enumerate(["m1", "m1", "m2", "m3", "m4"]):
-        await cache.apply(task(f"t{i}", member))
-    first = await cache.pick("a")
-    assert first is not None
-    assert first.member_id == "m5"
-    assert first.loads_seen == {"m1": 2, "m2": 1, "m3": 1, "m4": 1, "m5": 0}
-    second = await cache.pick("b")  # m2, m3, m4, m5 all at 1; m5 was just assigned, m2..m4 never
-    assert second is not None
-    assert second.member_id == "m2"
+def test_fifty_picks_in_a_row_over_five_equal_members_give_each_ten() -> None:
+    picks = lifecycle.pick_many(50, dict.fromkeys(MEMBERS, (1.0, 0)), {}, {}, now=time.time())
+    assert Counter(choice.member_id for choice, _ in picks) == dict.fromkeys(MEMBERS, 10)
 
 
-async def test_picking_twice_with_one_reservation_is_one_assignment(cache: LoadCache) -> None:
-    first, again = await cache.pick("same"), await cache.pick("same")
-    assert first is not None
-    assert again is not None
-    assert first.member_id == again.member_id
-    assert sum((await cache.loads()).values()) == 1
-
-
-async def test_weights_divide_the_load(cache: LoadCache) -> None:
-    await cache.set_members({"big": 2.0, "small": 1.0})
-    picks = [await cache.pick(f"r{i}") for i in range(9)]
-    assert Counter(p.member_id for p in picks if p) == {"big": 6, "small": 3}
-
-
-async def test_no_eligible_member_is_none(cache: LoadCache) -> None:
-    await cache.set_members({})
-    assert (await cache.pick("r")).member_id is None
-
-
-async def test_capped_members_are_skipped(cache: LoadCache) -> None:
-    await cache.apply(task("t1", "m1"))
-    await cache.apply(task("t2", "m1"))
-    pick = await cache.pick("r1", {"m1": (1.0, 2), "m2": (1.0, 1)})
-    assert (pick.member_id, pick.rule) == ("m2", "lowest_weighted_load")
-    full = await cache.pick("r2", {"m1": (1.0, 2), "m2": (1.0, 1)})  # m1 at its cap of 2, m2 now at 1
-    assert (full.member_id, full.rule, full.loads_seen) == (None, "all_capped", {"m1": 2, "m2": 1})
+def test_weights_divide_the_load_and_caps_are_skipped() -> None:
+    weighted = {"m1": (1.0, 0), "m2": (2.0, 0)}
+    picks = lifecycle.pick_many(30, weighted, {}, {}, now=0.0)
+    assert Counter(choice.member_id for choice, _ in picks) == {"m1": 10, "m2": 20}
+    capped = {"m1": (1.0, 2), "m2": (1.0, 0)}
+    assert lifecycle.pick(capped, {"m1": 2, "m2": 9}, {}).member_id == "m2"
+    assert lifecycle.pick({"m1": (1.0, 1)}, {"m1": 1}, {}) == lifecycle.Choice(None, "all_capped")
+    assert lifecycle.pick({}, {}, {}).member_id is None
 
 
 async def test_duplicate_and_late_events_change_nothing(cache: LoadCache) -> None:
@@ -78,79 +55,69 @@ async def test_duplicate_and_late_events_change_nothing(cache: LoadCache) -> Non
     assert await cache.apply(task("t1", "m1", version=1000)) is False  # the same delivery again
     assert await cache.apply(task("t1", "m2", version=3000)) is True  # reassigned
     assert await cache.apply(task("t1", "m3", version=2000)) is False  # an older update, arriving late
-    assert await cache.loads() == {"m2": 1}
+    assert await cache.counts() == {"m2": 1}
     await cache.apply(task("t1", "m2", status="DONE", version=4000))
-    assert await cache.loads() == {}
+    assert await cache.counts() == {}
 
 
 async def test_deletes_restores_and_destroys(cache: LoadCache) -> None:
     await cache.apply(task("t1", "m1", version=1000))
     # An older Twenty sends only {id, deletedAt}: the assignee comes from the cache.
     await cache.apply(TaskState("t1", None, None, 2000, deleted=True, partial=True))
-    assert await cache.loads() == {}
+    assert await cache.counts() == {}
     await cache.apply(task("t1", "m1", version=2000), restore=True)
-    assert await cache.loads() == {"m1": 1}
+    assert await cache.counts() == {"m1": 1}
     await cache.apply(task("t1", "m1", version=2500), destroyed=True)
-    assert await cache.loads() == {}
+    assert await cache.counts() == {}
     assert await cache.apply(task("t1", "m1", version=9000)) is False  # nothing revives a destroyed task
 
 
-async def test_a_reservation_becomes_the_task_whichever_comes_first(cache: LoadCache) -> None:
-    # Our own task's webhook after the confirmation: counted once.
-    pick = await cache.pick("t-own")
-    assert pick is not None
-    await cache.confirm("t-own", 5000)
-    await cache.apply(task("t-own", pick.member_id, version=5000))
-    # And before it: still counted once.
-    early = await cache.pick("t-early")
-    assert early is not None
-    await cache.apply(task("t-early", early.member_id, version=6000))
-    await cache.confirm("t-early", 6000)
-    loads = await cache.loads()
-    assert sum(loads.values()) == 2
-    assert loads[pick.member_id] == 1
+async def test_closed_tasks_leave_the_cache_after_a_while(cache: LoadCache, redis: Redis) -> None:
+    await cache.apply(task("open", "m1", version=1000))
+    await cache.apply(task("done", "m1", version=1000))
+    await cache.apply(task("done", "m1", status="DONE", version=2000))
+    assert await redis.ttl(cache.key("task:open")) == -1  # open: kept
+    assert 0 < await redis.ttl(cache.key("task:done")) <= TOMBSTONE_S  # closed: a tombstone that expires
+    members = await redis.smembers(cache.key("open"))  # type: ignore[misc]
+    assert members == {b"open"}
 
 
-async def test_a_failed_creation_releases_its_reservation(cache: LoadCache) -> None:
-    pick = await cache.pick("doomed")
-    assert pick is not None
-    assert await cache.release("doomed") is True
-    assert await cache.release("doomed") is False
-    assert await cache.loads() == {}
+async def test_workspaces_do_not_share_members_or_loads(cache: LoadCache, redis: Redis) -> None:
+    await cache.apply(task("t1", "m1"))
+    other = LoadCache(redis, load_statuses=["TODO"], workspace="another")
+    assert (await other.members(), await other.counts()) == ({}, {})
 
 
 async def test_a_rebuild_keeps_newer_events_and_drops_lost_closings(cache: LoadCache) -> None:
     await cache.apply(task("closed-unseen", "m1", version=500))  # its DONE event was lost
     await cache.apply(task("moved", "m3", version=9000))  # an event newer than the listing
-    pending = await cache.pick("pending")  # a reservation in flight survives
-    assert pending is not None
-    staging = cache.staging("run1", started_ms=2000)
-    await staging.add([task("listed", "m2", version=1000)])
-    await staging.add([task("moved", "m2", version=1500)])
-
-    rebuilt = await staging.swap(built_ms=2500)
-
-    assert rebuilt.before["m1"] == 1
-    expected = Counter({"m2": 1, "m3": 1}) + Counter({pending.member_id: 1})
-    assert await cache.loads() == dict(expected)  # m1's lost closing is dropped; "moved" stays with m3
-    assert rebuilt.after == dict(expected)
-    assert (rebuilt.unknown_tasks, rebuilt.corrected) == (1, 1)
-    assert rebuilt.drift["m1"] == (1, 0)
+    await cache.apply(task("right", "m4", version=700))
+    rebuild = cache.rebuild("run1", started_ms=2000)
+    await rebuild.add([task("listed", "m2", version=1000), task("right", "m4", version=700)])
+    await rebuild.add([task("moved", "m2", version=1500)])
+    await rebuild.finish()
+    assert await cache.counts() == {"m2": 1, "m3": 1, "m4": 1}  # m1's lost closing dropped; "moved" stays with m3
+    assert (rebuild.unknown, rebuild.corrected, rebuild.listed) == (1, 1, 3)
     assert await cache.is_built()
 
 
 async def test_a_compare_only_rebuild_changes_nothing(cache: LoadCache) -> None:
     await cache.apply(task("t1", "m1", version=500))
-    staging = cache.staging("dry", started_ms=2000)
-    await staging.add([task("t2", "m2", version=1000)])
-    rebuilt = await staging.swap(built_ms=2500, apply=False)
-    assert rebuilt.drift == {"m1": (1, 0), "m2": (0, 1)}
-    assert await cache.loads() == {"m1": 1}
+    rebuild = cache.rebuild("dry", started_ms=2000, apply=False)
+    await rebuild.add([task("t2", "m2", version=1000)])
+    await rebuild.finish()
+    assert rebuild.counts_from_listing == {"m2": 1}
+    assert (rebuild.unknown, rebuild.corrected) == (1, 1)
+    assert await cache.counts() == {"m1": 1}
     assert not await cache.is_built()
 
 
-async def test_a_confirmation_without_its_reservation_still_counts_the_task(cache: LoadCache) -> None:
-    await cache.confirm("lost-reservation", 5000, "m2")  # Redis restarted between the pick and the confirm
-    await cache.apply(task("lost-reservation", "m2", version=5000))  # its webhook: already counted
-    await cache.confirm("lost-reservation", 5000, "m2")  # a retry: still once
-    assert await cache.loads() == {"m2": 1}
+async def test_a_rebuild_over_many_open_tasks_works_a_chunk_per_script(cache: LoadCache, redis: Redis) -> None:
+    for i in range(1200):
+        await cache.apply(task(f"old{i}", MEMBERS[i % 5], version=100))
+    rebuild = cache.rebuild("big", started_ms=2000)
+    await rebuild.add([task(f"old{i}", MEMBERS[i % 5], version=100) for i in range(600)])
+    await rebuild.finish()  # the other 600 were closed while their events were lost
+    assert sum((await cache.counts()).values()) == 600
+    assert rebuild.corrected == 600
+    assert await redis.scard(cache.key("open")) == 600  # type: ignore[misc]

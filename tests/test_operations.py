@@ -27,12 +27,18 @@ from reactor import logs, metrics
 from reactor.api.dashboard import sign_token
 from reactor.devstack import free_port
 from reactor.loadcache import LoadCache, TaskState
-from reactor.settings import Settings
+from reactor.resources import workspace_key
+from reactor.settings import Settings, load_settings
 from reactor.twenty import TwentyClient, create_http_client
 from tests.conftest import API_KEYS, ROOT, app_client
 from tests.test_webhooks import SECRET, signed
 
 pytestmark = pytest.mark.anyio
+
+
+def load_cache(redis: Redis) -> LoadCache:
+    """The app's cache: these tests' settings name no Twenty, so its workspace key is that of no workspace."""
+    return LoadCache(redis, load_statuses=["TODO"], workspace=workspace_key(load_settings(None, LEAD_API_KEYS="a:b")))
 
 
 def sample(name: str, **labels: str) -> float:
@@ -58,7 +64,7 @@ async def test_metrics_count_leads_and_webhooks_by_outcome(api: httpx.AsyncClien
     body = json.dumps({"eventName": "company.created", "record": {"id": "c1"}})
     await api.post("/webhooks/twenty", content=body, headers=signed(body))
     await api.post("/webhooks/twenty", content=body, headers=signed(body, secret="wrong"))
-    cache = LoadCache(redis, load_statuses=["TODO"])
+    cache = load_cache(redis)
     await cache.apply(TaskState("t1", "member-a", "TODO", 1))
     await redis.set(metrics.LAST_RECONCILE_KEY, json.dumps({"drift": {"m": {}}, "finished_at": 1700000000}))
 
@@ -72,7 +78,7 @@ async def test_metrics_count_leads_and_webhooks_by_outcome(api: httpx.AsyncClien
     assert 'reactor_webhook_events_total{event="company.created",outcome="ignored"}' in text
     assert 'reactor_webhook_events_total{event="unknown",outcome="rejected_signature"}' in text
     assert 'reactor_member_load{member="member-a"} 1.0' in text
-    assert "reactor_queue_depth 1.0" in text  # the created lead's sync job
+    assert "reactor_queue_depth 0.0" in text  # a lead's sync is a row, not a job
     assert "reactor_reconcile_drift_members 1.0" in text
     assert "reactor_reconcile_last_run_timestamp_seconds 1.7e+09" in text
 
@@ -168,9 +174,8 @@ def basic(key: str) -> dict[str, str]:
 
 
 async def seed_dashboard(api: httpx.AsyncClient, redis: Redis) -> None:
-    cache = LoadCache(redis, load_statuses=["TODO"])
-    await cache.set_members({"m-ann": 1.0, "m-bob": 1.0})
-    await cache.set_names({"m-ann": "Ann Lee", "m-bob": "Bob Ray"})
+    cache = load_cache(redis)
+    await cache.set_members({"m-ann": 1.0, "m-bob": 1.0}, {"m-ann": "Ann Lee", "m-bob": "Bob Ray"})
     for i in range(3):
         await cache.apply(TaskState(f"t{i}", "m-ann", "TODO", 1))
     await api.post("/leads", json={"first_name": "Grace", "last_name": "Hopper", "email": "grace@example.com"})

@@ -13,7 +13,7 @@ import respx
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from reactor import reconcile
+from reactor import assignees, reconcile
 from reactor.loadcache import TaskState
 from reactor.resources import Resources, open_resources
 from reactor.settings import Settings
@@ -49,22 +49,32 @@ async def res(twenty_settings: Settings, db: asyncpg.Pool, redis: Redis) -> Asyn
 
 
 async def inject_drift(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> dict[str, str]:
-    """Twenty's truth: m1 has 3 open tasks, m2 has 1. The cache missed events; a lead never synced; a person has
-    no follow-up; a follow-up's task was deleted in Twenty without a webhook."""
+    """Twenty's truth: m1 has 3 open tasks, m2 has 1. The cache missed events; a lead never synced; a person
+    created since the install lost its person.created; a follow-up's task was deleted in Twenty without a webhook;
+    a rep completed another; and the workspace has historical contacts."""
     for i in range(3):
         fake.add_task(f"a{i}", "m1")
     fake.add_task("b0", "m2")
+    fake.add_webhook(created_at="2026-11-20T00:00:00.000Z")
     await res.cache.set_members({"m1": 1.0, "m2": 1.0, "m3": 1.0})
     await res.cache.apply(TaskState("a0", "m1", "TODO", 1000))  # a1, a2 created while the webhook was down
     await res.cache.apply(TaskState("gone", "m3", "TODO", 1000))  # its DONE event was lost
     await res.cache.apply(TaskState("gone2", "m3", "TODO", 1000))
-    lonely = fake.add_person("lonely@example.com", first="Lonely")
+    historical = [fake.add_person(f"old{i}@example.com", first=f"Old{i}") for i in range(5)]
+    late = fake.add_person("late@example.com", first="Late", created_at="2026-11-25T08:00:00.000Z")
     await db.execute("INSERT INTO leads (lead_id, email, first_name, api_source) "
                      "VALUES ('never', 'never@example.com', 'Nev', 't')")  # fmt: skip
-    deleted_owner = fake.add_person("owner@example.com", first="Owner")
+    owner = fake.add_person("owner@example.com", first="Owner", created_at="2026-11-26T08:00:00.000Z")
     await db.execute("INSERT INTO follow_ups (person_id, task_id, target_id, state, opened_at) "
-                     "VALUES ($1, 'deleted-task', 'dt', 'open', now())", deleted_owner)  # fmt: skip
-    return {"lonely": lonely, "owner": deleted_owner}
+                     "VALUES ($1, 'deleted-task', 'dt', 'open', now())", owner)  # fmt: skip
+    finished = fake.add_person("finished@example.com", first="Fin", created_at="2026-11-26T09:00:00.000Z")
+    await db.execute("INSERT INTO follow_ups (person_id, task_id, target_id, state, opened_at, closed_at) "
+                     "VALUES ($1, 'done-task', 'dn', 'closed', now(), now())", finished)  # fmt: skip
+    return {"late": late, "owner": owner, "finished": finished, **{f"old{i}": p for i, p in enumerate(historical)}}
+
+
+async def loads(res: Resources) -> dict[str, int]:
+    return await assignees.member_loads(res.db, res.cache, res.settings)
 
 
 async def test_drift_is_repaired_and_reported(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:
@@ -77,24 +87,38 @@ async def test_drift_is_repaired_and_reported(res: Resources, fake: FakeTwenty, 
     assert (report.tasks_unknown_to_cache, report.open_tasks) == (3, 4)
     assert (report.leads_unsynced, report.leads_synced) == (1, 1)
     assert await db.fetchval("SELECT crm_synced FROM leads WHERE lead_id = 'never'") is True
-    # Lonely, the owner (whose follow-up's task is gone: closed, then a new one) and the newly synced lead.
     assert report.follow_ups_closed == 1
-    assert report.follow_ups_created == 2  # lonely + the synced lead; the owner's row was open when listed
-    open_rows = dict(await db.fetch("SELECT person_id, state FROM follow_ups WHERE state = 'open'"))
-    assert people["lonely"] in open_rows
     assert await db.fetchval("SELECT state FROM follow_ups WHERE task_id = 'deleted-task'") == "closed"
-    # The cache now matches Twenty, new follow-ups included.
-    truth = Counter(t["assigneeId"] for t in fake.tasks.values() if t["status"] == "TODO")
-    assert await res.cache.loads() == dict(truth)
+    # Owed only where a trigger was lost (the late person); the lead's sync owed its person's, as it always does.
+    assert (report.people_without_follow_up, report.follow_ups_created) == (1, 2)
+    never = await db.fetchval("SELECT crm_person_id FROM leads WHERE lead_id = 'never'")
+    opened = {r["person_id"] for r in await db.fetch("SELECT person_id FROM follow_ups WHERE state = 'open'")}
+    assert opened == {people["late"], never}
+    # The loads now match Twenty, new follow-ups included.
+    truth = Counter(t["assigneeId"] for t in fake.tasks.values() if t["status"] == "TODO" and not t["deletedAt"])
+    assert await loads(res) == dict(truth)
 
-    again = await reconcile.run(res, "run-2")  # nothing left to fix
+    again = await reconcile.run(res, "run-2")  # nothing left to fix, and nothing re-created
     assert again.drift == {}
-    assert (again.leads_synced, again.follow_ups_created, again.follow_ups_closed) == (0, 1, 0)  # the owner's turn
+    assert (again.leads_synced, again.follow_ups_created, again.follow_ups_closed) == (0, 0, 0)
+
+
+async def test_done_deleted_and_historical_people_get_no_follow_up_however_often_it_runs(
+    res: Resources, fake: FakeTwenty, db: asyncpg.Pool
+) -> None:
+    people = await inject_drift(res, fake, db)
+    for run in range(3):  # e.g. nightly with RECONCILE_CRON
+        await reconcile.run(res, f"night-{run}")
+    rows = Counter(r["person_id"] for r in await db.fetch("SELECT person_id FROM follow_ups"))
+    assert rows[people["owner"]] == rows[people["finished"]] == 1  # deleted and done: stay done
+    assert all(rows[people[f"old{i}"]] == 0 for i in range(5))  # historical contacts: left alone
+    assert rows[people["late"]] == 1  # the lost person.created: repaired once
+    assert len(fake.tasks) == 4 + 2
 
 
 async def test_a_dry_run_changes_nothing(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:
     await inject_drift(res, fake, db)
-    loads_before = await res.cache.loads()
+    loads_before = await loads(res)
     tasks_before = dict(fake.tasks)
 
     report = await reconcile.run(res, "dry", dry_run=True)
@@ -102,12 +126,13 @@ async def test_a_dry_run_changes_nothing(res: Resources, fake: FakeTwenty, db: a
     assert report.dry_run is True
     assert report.drift["m1"] == {"cached": 1, "true": 3}
     assert (report.leads_unsynced, report.leads_synced, report.follow_ups_created) == (1, 0, 0)
-    assert report.people_without_follow_up == 1  # lonely; the unsynced lead's person is not in Twenty yet
+    assert report.people_without_follow_up == 1  # the late person; the unsynced lead's is not in Twenty yet
     assert report.follow_ups_closed == 1
-    assert await res.cache.loads() == loads_before
+    assert await loads(res) == loads_before
     assert fake.tasks == tasks_before
     assert await db.fetchval("SELECT crm_synced FROM leads WHERE lead_id = 'never'") is False
     assert await db.fetchval("SELECT state FROM follow_ups WHERE task_id = 'deleted-task'") == "open"
+    assert await db.fetchval("SELECT count(*) FROM follow_ups") == 2
 
 
 async def test_task_events_during_a_run_survive_the_swap(res: Resources, fake: FakeTwenty) -> None:
@@ -128,7 +153,7 @@ async def test_task_events_during_a_run_survive_the_swap(res: Resources, fake: F
     report = await reconcile.run(res, "live")
 
     assert all(await asyncio.gather(*applied))
-    assert await res.cache.loads() == {"m1": 449, "m2": 1, "m3": 1}
+    assert await loads(res) == {"m1": 449, "m2": 1, "m3": 1}
     assert report.events_during_run == 2
 
 
@@ -161,7 +186,7 @@ async def test_one_reconcile_at_a_time_over_http(
         assert first.status_code == 202
         assert (second.status_code, second.json()) == (200, {"job_id": first.json()["job_id"],
                                                              "status": "already_running"})  # fmt: skip
-        await build_worker(res, burst=True, sweep=False).main()
+        await build_worker(res, burst=True, background=False).main()
         done = (await api.get(f"/reconcile/{first.json()['job_id']}")).json()
         assert done["status"] == "complete"
         assert done["progress"] == {"step": "done", "done": 1, "total": 1}

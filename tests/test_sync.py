@@ -1,5 +1,5 @@
-"""Leads reach Twenty as People through the real arq worker (burst mode) on the real Redis and PostgreSQL,
-with Twenty mocked through respx (tests/fake_twenty.py)."""
+"""Leads reach Twenty as People through the drain loop's rounds (reactor.drain) and the backlog push, on the real
+Redis and PostgreSQL, with Twenty mocked through respx (tests/fake_twenty.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from reactor import deadletters, jobs, store, sync
+from reactor import drain as drain_loop
 from reactor.devstack import free_port
 from reactor.resources import Resources, open_resources
 from reactor.settings import Settings
 from reactor.twenty import TwentyClient
-from reactor.worker import build_worker, sync_options
 from tests.conftest import app_client
 from tests.fake_twenty import BASE_URL, FakeTwenty, unavailable
 
@@ -35,6 +35,7 @@ def twenty_settings(settings: Settings) -> Settings:
             "sync_retry_base_s": 0.01,
             "twenty_max_attempts": 2,
             "twenty_rate_limit": 100_000,
+            "twenty_batch_size": 60,  # small batches, so a backlog of 130 shows the chunking
         }
     )
 
@@ -64,9 +65,20 @@ def twenty(res: Resources) -> TwentyClient:
     return res.twenty
 
 
+def sync_options(settings: Settings) -> sync.SyncOptions:
+    return sync.SyncOptions.from_settings(settings)
+
+
 async def drain(res: Resources) -> None:
-    """Run every queued job on a real arq worker, in burst mode."""
-    await build_worker(res, burst=True, sweep=False).main()
+    """What the worker's drain loop does: rounds until nothing is left (or Twenty cannot be asked)."""
+    await drain_loop.until_idle(res)
+
+
+async def run_jobs(res: Resources) -> None:
+    """Run every queued arq job (the long ones) on a real worker, in burst mode."""
+    from reactor.worker import build_worker
+
+    await build_worker(res, burst=True, background=False).main()
 
 
 async def post_lead(api: httpx.AsyncClient, **fields: object) -> str:
@@ -119,7 +131,6 @@ async def test_restore_deleted_people_brings_them_back(
     restoring = twenty_settings.model_copy(update={"restore_deleted_people": True})
     async with open_resources(restoring) as res:
         await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('r1', 'back@example.com', 't')")
-        await res.redis.enqueue_job(jobs.SYNC_LEAD, "r1", _job_id=jobs.sync_lead_job_id("r1"))
         await drain(res)
     assert await db.fetchval("SELECT crm_person_id FROM leads WHERE lead_id = 'r1'") == person_id
     assert fake.people[person_id]["deletedAt"] is None
@@ -134,7 +145,7 @@ async def test_backlog_goes_through_the_batch_endpoint(
     accepted = await api.post("/sync-crm")
     assert accepted.status_code == 202
     job_id = accepted.json()["job_id"]
-    await drain(res)
+    await run_jobs(res)
 
     status = (await api.get(f"/jobs/{job_id}")).json()
     assert status["status"] == "complete"
@@ -195,22 +206,19 @@ async def test_a_rejected_lead_is_isolated_dead_lettered_and_replayable(
     assert (await api.get("/jobs/failed")).json()["failed"] == []
 
 
-async def test_transient_failures_retry_then_dead_letter_without_losing_the_lead(
-    api: httpx.AsyncClient, res: Resources, fake: FakeTwenty
-) -> None:
+async def test_an_outage_backs_off_and_loses_nothing(api: httpx.AsyncClient, res: Resources, fake: FakeTwenty) -> None:
     fake.fail_next = [unavailable(503)] * 100
     lead_id = await post_lead(api, email="flaky@example.com")
-    await drain(res)
+    for _ in range(3):
+        [result] = await drain_loop.until_idle(res)
+        assert result.unavailable is not None  # the round stops at the first refusal: no retry storm
     lead = (await api.get(f"/leads/{lead_id}")).json()
     assert lead["crm_synced"] is False
-    assert lead["sync_attempts"] == res.settings.sync_max_tries
+    assert lead["sync_attempts"] == 3
     assert "503" in lead["last_sync_error"]
-    [dead] = (await api.get("/jobs/failed")).json()["failed"]
-    assert (dead["job_name"], dead["args"], dead["attempts"]) == ("sync_lead", [lead_id], 3)
-
     fake.fail_next = []
-    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
-    assert result.synced == [lead_id]  # the sweep still takes it: nothing is lost
+    await drain(res)
+    assert (await api.get(f"/leads/{lead_id}")).json()["crm_synced"] is True  # nothing is lost
 
 
 async def test_intake_answers_while_redis_is_down_and_the_sweep_syncs_later(
@@ -269,10 +277,11 @@ async def test_a_backlog_run_reads_the_trash_once_and_leaves_trashed_people_dele
     assert await db.fetchval("SELECT suppressed FROM leads WHERE lead_id = 't5'") is True
 
 
-async def test_a_second_enqueue_of_the_same_lead_is_a_no_op(res: Resources, db: asyncpg.Pool) -> None:
-    assert await jobs.enqueue_sync_lead(res.redis, "same") is True
-    assert await jobs.enqueue(res.redis, jobs.SYNC_LEAD, "same", job_id=jobs.sync_lead_job_id("same")) is None
-    assert await res.redis.zcard("arq:queue") == 1
+async def test_intake_queues_no_job_the_row_is_the_work(api: httpx.AsyncClient, res: Resources) -> None:
+    await post_lead(api, email="row@example.com")
+    assert await res.redis.zcard("arq:queue") == 0
+    async with res.db.acquire() as conn:
+        assert await store.count_unsynced(conn) == 1
 
 
 async def test_a_sweep_skips_a_lead_whose_job_is_in_flight(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -9,9 +10,11 @@ import httpx
 import pytest
 import respx
 
-from reactor.ratelimit import RateLimitUnavailable
+from reactor import metrics
+from reactor.ratelimit import Permit, RateLimitUnavailable
 from reactor.twenty import (
     PersonInput,
+    RateBudgetExhausted,
     TaskInput,
     TwentyAuthError,
     TwentyClient,
@@ -305,26 +308,152 @@ async def test_task_targets_use_the_field_the_server_has(
 
 
 @respx.mock
-async def test_open_task_counts_come_from_one_group_by_call(client: TwentyClient) -> None:
-    groups = sample("tasks-groupby-assignee")["body"]
-    route = respx.get(f"{BASE}/tasks/groupBy").mock(return_value=httpx.Response(200, json=groups))
+async def test_metadata_is_asked_without_a_query_string_once_for_concurrent_first_callers(
+    client: TwentyClient,
+) -> None:
+    recorded = recorded_rest("54-metadata-objects-no-query-ok")
+
+    async def slow_metadata(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.05)  # every caller arrives while the first one is still reading
+        return httpx.Response(200, json=recorded["response"])
+
+    metadata = respx.get(f"{BASE}/metadata/objects").mock(side_effect=slow_metadata)
+    create = respx.post(f"{BASE}/taskTargets").mock(
+        return_value=httpx.Response(201, json=recorded_rest("60-tasktarget-create-personId-ok")["response"])
+    )
+
+    await asyncio.gather(*(client.create_task_target(f"task-{i}", f"person-{i}") for i in range(8)))
+
+    assert metadata.call_count == 1
+    assert metadata.calls[0].request.url.query == b""  # rest/53: any query string is a 400 on 1.16-era servers
+    assert all("personId" in json.loads(call.request.content) for call in create.calls)
+    assert create.call_count == 8
+
+
+@respx.mock
+async def test_metadata_refused_then_a_write_refused_for_the_field_learns_the_other_one(client: TwentyClient) -> None:
+    refused = recorded_rest("53-metadata-objects-with-query-string-400")
+    respx.get(f"{BASE}/metadata/objects").mock(return_value=httpx.Response(400, json=refused["response"]))
+    no_field = recorded_rest("59-tasktarget-create-targetPersonId-400")
+    linked = recorded_rest("60-tasktarget-create-personId-ok")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if "targetPersonId" in json.loads(request.content):
+            return httpx.Response(400, json=no_field["response"])
+        return httpx.Response(201, json=linked["response"])
+
+    create = respx.post(f"{BASE}/taskTargets").mock(side_effect=answer)
+
+    first = await client.create_task_target("task-1", "person-1", target_id="target-1")
+    await client.create_task_target("task-2", "person-2")
+
+    assert first.person_id == linked["response"]["data"]["createTaskTarget"]["personId"]  # linked, not an orphan
+    sent = [json.loads(call.request.content) for call in create.calls]
+    assert sent == [{"taskId": "task-1", "targetPersonId": "person-1", "id": "target-1"},
+                    {"taskId": "task-1", "personId": "person-1", "id": "target-1"},
+                    {"taskId": "task-2", "personId": "person-2"}]  # fmt: skip
+    assert await client.task_target_person_field() == "personId"
+
+
+@respx.mock
+async def test_a_batch_refused_for_the_field_is_sent_again_with_the_other_one(client: TwentyClient) -> None:
+    # Metadata that says targetPersonId (a newer server's) while the server writing says otherwise.
+    respx.get(f"{BASE}/metadata/objects").mock(return_value=httpx.Response(200, json={
+        "data": {"objects": [{"nameSingular": "taskTarget", "fields": [{"name": "targetPerson"}]}]}}))  # fmt: skip
+    no_field = recorded_rest("59-tasktarget-create-targetPersonId-400")["response"]
+    batch = recorded_rest("62-batch-tasktargets-create-personId")["response"]
+    route = respx.post(f"{BASE}/batch/taskTargets").mock(side_effect=[
+        httpx.Response(400, json=no_field), httpx.Response(201, json=batch)])  # fmt: skip
+
+    created = await client.create_task_targets([("t1", "task-1", "p1"), ("t2", "task-2", "p1")])
+
+    assert [target.person_id for target in created] == [item["personId"] for item in batch["data"]["createTaskTargets"]]
+    assert [sorted(json.loads(call.request.content)[0]) for call in route.calls] == [
+        ["id", "targetPersonId", "taskId"], ["id", "personId", "taskId"]]  # fmt: skip
+
+
+@respx.mock
+async def test_a_refusal_naming_another_field_is_not_retried(client: TwentyClient) -> None:
+    respx.get(f"{BASE}/metadata/objects").mock(return_value=httpx.Response(200, json={"data": {"objects": []}}))
+    route = respx.post(f"{BASE}/taskTargets").mock(
+        return_value=error(400, 'Object taskTarget doesn\'t have any "taskId" field.')
+    )
+    with pytest.raises(TwentyRejected, match="taskId"):
+        await client.create_task_target("task-1", "person-1")
+    assert route.call_count == 1
+
+
+@respx.mock
+async def test_open_task_counts_use_the_relation_form_and_string_counts(client: TwentyClient) -> None:
+    recorded = recorded_rest("56-tasks-groupby-assignee-id-ok")
+    route = respx.get(f"{BASE}/tasks/groupBy").mock(return_value=httpx.Response(200, json=recorded["response"]))
     counts = await client.count_open_tasks_by_assignee()
-    assert counts[None] == 3
-    assert sum(counts.values()) == sum(int(g["totalCount"]) for g in groups)
+    assert counts == {g["groupByDimensionValues"][0]: int(g["totalCount"]) for g in recorded["response"]}
+    assert route.call_count == 1
     params = route.calls.last.request.url.params
-    assert params["group_by"] == '[{"assigneeId":true}]'
+    assert params["group_by"] == '[{"assignee":{"id":true}}]'
     assert params["filter"] == 'status[in]:["TODO","IN_PROGRESS"]'
 
 
 @respx.mock
+async def test_open_task_counts_fall_back_to_the_join_column_and_remember_it(client: TwentyClient) -> None:
+    groups = sample("tasks-groupby-assignee")["body"]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.params["group_by"] == '[{"assigneeId":true}]':
+            return httpx.Response(200, json=groups)
+        return error(400, "Field metadata not found for field: assignee")  # what a server without the form says
+
+    route = respx.get(f"{BASE}/tasks/groupBy").mock(side_effect=answer)
+    counts = await client.count_open_tasks_by_assignee()
+    again = await client.count_open_tasks_by_assignee()
+    assert counts == again
+    assert counts[None] == 3
+    assert sum(counts.values()) == sum(int(g["totalCount"]) for g in groups)
+    assert route.call_count == 3  # one refused, then one call each
+
+
+class Recording:
+    """A limiter that grants at once and records what Twenty's answers told it."""
+
+    def __init__(self) -> None:
+        self.slowed: list[float | None] = []
+
+    async def acquire(self) -> Permit:
+        return Permit(1)
+
+    async def slow_down(self, permit: Permit, pause_s: float | None) -> None:
+        self.slowed.append(pause_s)
+
+
+@respx.mock
+async def test_a_429_or_nothing_remaining_slows_the_fleet_down(sleeps: Sleeps) -> None:
+    respx.get(f"{BASE}/tasks/t1").mock(side_effect=[
+        httpx.Response(429, json=recorded_rest("64-rate-limit-429-legacy")["response"]),
+        httpx.Response(429, headers={"Retry-After": "7"}, json={"messages": ["Rate limit exceeded"]}),
+        httpx.Response(200, headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "12"},
+                       json={"data": {"task": {"id": "t1"}}}),
+    ])  # fmt: skip
+    limiter = Recording()
+    async with create_http_client(BASE, "tok") as http:
+        client = TwentyClient(http, limiter=limiter, max_attempts=3, sleep=sleeps)
+        assert await client.get_task("t1") is not None
+    assert limiter.slowed == [None, 7.0, 12.0]
+
+
+@respx.mock
 async def test_an_exhausted_rate_budget_is_unavailable_not_a_crash(sleeps: Sleeps) -> None:
-    class Exhausted:
-        async def acquire(self) -> None:
+    class Exhausted(Recording):
+        async def acquire(self) -> Permit:
             raise RateLimitUnavailable("no Twenty call budget within 60s")
 
     route = respx.get(f"{BASE}/tasks/t1")
+    before = metrics.TWENTY_RETRIES.labels("rate_limit_wait")._value.get()
+    network = metrics.TWENTY_RETRIES.labels("network")._value.get()
     async with create_http_client(BASE, "tok") as http:
-        client = TwentyClient(http, limiter=Exhausted(), max_attempts=1, sleep=sleeps)
-        with pytest.raises(TwentyUnavailable, match="budget"):
+        client = TwentyClient(http, limiter=Exhausted(), max_attempts=2, sleep=sleeps)
+        with pytest.raises(RateBudgetExhausted, match="budget"):
             await client.get_task("t1")
     assert route.call_count == 0
+    assert metrics.TWENTY_RETRIES.labels("rate_limit_wait")._value.get() == before + 1  # its own reason
+    assert metrics.TWENTY_RETRIES.labels("network")._value.get() == network

@@ -1,5 +1,5 @@
 """POST /webhooks/twenty: Twenty's signature scheme checked against its real deliveries, replays and duplicates
-refused, task events applied to the load cache, person.created turned into a queued follow-up."""
+refused, task events applied to the load cache, person.created turned into an owed follow-up (a row)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from reactor import jobs
 from reactor.loadcache import LoadCache
+from reactor.resources import workspace_key
 from reactor.settings import Settings
 from reactor.webhooks import SignatureRejected, parse_event, signature, verify
 from tests.conftest import app_client
@@ -112,23 +113,30 @@ def task_event(name: str, task_id: str, assignee: str | None, status: str, updat
     return json.dumps(body, separators=(",", ":"))
 
 
-async def test_person_created_queues_one_follow_up(api: httpx.AsyncClient, redis: Redis) -> None:
+def cache_of(settings: Settings, redis: Redis) -> LoadCache:
+    return LoadCache(redis, load_statuses=["TODO"], workspace=workspace_key(settings))
+
+
+async def test_person_created_owes_one_follow_up(api: httpx.AsyncClient, db: asyncpg.Pool, redis: Redis) -> None:
     body = delivery("person.created")["body_raw"]
-    person_id = json.loads(body)["record"]["id"]
+    record = json.loads(body)["record"]
     response = await post(api, body)
     assert response.status_code == 202
-    assert response.json()["status"] == "follow_up_queued"
-    assert await redis.exists(f"arq:job:{jobs.follow_up_job_id(person_id)}") == 1
+    assert response.json()["status"] == "follow_up_owed"
+    row = await db.fetchrow("SELECT * FROM follow_ups")
+    assert (row["person_id"], row["state"], row["trigger"]) == (record["id"], "pending", "person_created")
+    assert row["person"]["id"] == record["id"]  # kept: the drain need not read the person
+    assert await redis.zcard("arq:queue") == 0  # no job: the row is the work
 
     again = await post(api, body)  # Twenty's duplicate: same change, new nonce and timestamp
     assert (again.status_code, again.json()["status"]) == (200, "duplicate")
 
 
-async def test_duplicate_deliveries_at_once_queue_one_job(api: httpx.AsyncClient, redis: Redis) -> None:
+async def test_duplicate_deliveries_at_once_owe_one_follow_up(api: httpx.AsyncClient, db: asyncpg.Pool) -> None:
     body = delivery("person.created")["body_raw"]
     responses = await asyncio.gather(*(post(api, body) for _ in range(20)))
-    assert sorted(r.json()["status"] for r in responses) == ["duplicate"] * 19 + ["follow_up_queued"]
-    assert await redis.zcard("arq:queue") == 1
+    assert sorted(r.json()["status"] for r in responses) == ["duplicate"] * 19 + ["follow_up_owed"]
+    assert await db.fetchval("SELECT count(*) FROM follow_ups") == 1
 
 
 async def test_rejections_are_401_with_a_reason(api: httpx.AsyncClient) -> None:
@@ -165,21 +173,23 @@ async def test_webhooks_off_without_a_secret(settings: Settings, db: object, red
     assert (response.status_code, response.json()["error"]) == (503, "not_configured")
 
 
-async def test_task_events_keep_the_load_cache_current_in_any_order(api: httpx.AsyncClient, redis: Redis) -> None:
-    cache = LoadCache(redis, load_statuses=["TODO"])
+async def test_task_events_keep_the_load_cache_current_in_any_order(
+    api: httpx.AsyncClient, hook_settings: Settings, redis: Redis
+) -> None:
+    cache = cache_of(hook_settings, redis)
     created = task_event("task.created", "t1", "m1", "TODO", "2026-11-24T10:00:00.000Z")
     moved = task_event("task.updated", "t1", "m2", "TODO", "2026-11-24T10:05:00.000Z", updatedFields=["assigneeId"])
     done = task_event("task.updated", "t1", "m2", "DONE", "2026-11-24T10:09:00.000Z")
 
     assert (await post(api, moved)).json()["status"] == "applied"  # arrives first
     assert (await post(api, created)).json()["status"] == "stale"  # older than what is known: no effect
-    assert await cache.loads() == {"m2": 1}
+    assert await cache.counts() == {"m2": 1}
     await post(api, done)
-    assert await cache.loads() == {}
+    assert await cache.counts() == {}
 
 
-async def test_the_recorded_task_events_apply(api: httpx.AsyncClient, redis: Redis) -> None:
-    cache = LoadCache(redis, load_statuses=["TODO"])
+async def test_the_recorded_task_events_apply(api: httpx.AsyncClient, hook_settings: Settings, redis: Redis) -> None:
+    cache = cache_of(hook_settings, redis)
     sent = [d for d in recorded_deliveries() if d["body_json"]["eventName"].startswith("task.")]
     names = [(d["body_json"]["eventName"], d["body_json"]["record"].get("status")) for d in sent]
     # The recording: task A created, moved to IN_PROGRESS, DONE; task B created unassigned, assigned (TODO), then
@@ -191,7 +201,7 @@ async def test_the_recorded_task_events_apply(api: httpx.AsyncClient, redis: Red
         for item in items:
             response = await post(api, item["body_raw"])
             assert response.status_code in (200, 202), response.text
-        return {member: count for member, count in (await cache.loads()).items() if count}
+        return {member: count for member, count in (await cache.counts()).items() if count}
 
     b_assignee = sent[4]["body_json"]["record"]["assigneeId"]
     assert await replay(sent[:5]) == {b_assignee: 1}  # A is done; B is open and assigned: one load

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -17,22 +18,35 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
-def presented_key(request: Request) -> str | None:
+def _basic_password(credentials: str) -> str | None:
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        return None
+    _user, colon, password = decoded.partition(":")
+    return password if colon and password else None
+
+
+def presented_key(request: Request, *, basic: bool = False) -> str | None:
+    """The key the request carries: X-API-Key, else `Authorization: Bearer`, else (when `basic`) the password of
+    `Authorization: Basic` (browsers ask for it; the user name is ignored)."""
     key = request.headers.get("x-api-key")
     if key:
         return key.strip()
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
+    if basic and scheme.lower() == "basic" and credentials.strip():
+        return _basic_password(credentials)
     return None
 
 
-def authenticate(request: Request, keys: Mapping[str, SecretStr]) -> str:
+def authenticate(request: Request, keys: Mapping[str, SecretStr], *, basic: bool = False) -> str:
     """Return the source name whose key the request carries, or raise Unauthenticated (401).
 
     Every configured key is compared, whichever matches, so the time taken does not tell which one did.
     """
-    presented = presented_key(request)
+    presented = presented_key(request, basic=basic)
     if presented is None:
         raise Unauthenticated("missing API key: send X-API-Key or Authorization: Bearer")
     offered = _digest(presented)

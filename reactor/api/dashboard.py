@@ -8,7 +8,6 @@ signed with a source's key, which is swapped at once for an HttpOnly cookie. Ema
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import hmac
@@ -23,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from reactor import logs, metrics, routing, store
+from reactor import assignees, logs, metrics, routing, store
 from reactor.api.auth import authenticate
 from reactor.errors import Unauthenticated
 from reactor.resources import Resources
@@ -60,17 +59,6 @@ def token_source(token: str, keys: Mapping[str, SecretStr], *, now: float) -> st
     return source if hmac.compare_digest(expected, mac) else None
 
 
-def _basic_key(request: Request) -> None:
-    """Accept HTTP Basic (password = a lead source's key) by presenting it as X-API-Key to the usual check."""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "basic" and value:
-        try:
-            password = base64.b64decode(value).decode().partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
-            return
-        request.scope["headers"] = [*request.scope["headers"], (b"x-api-key", password.encode())]
-
-
 async def dashboard(request: Request) -> Response:
     res: Resources = request.state.resources
     keys = res.settings.lead_api_keys
@@ -84,10 +72,9 @@ async def dashboard(request: Request) -> Response:
         return answer
     session = request.cookies.get(COOKIE)
     signed_in = session is not None and token_source(session, keys, now=time.time()) is not None
-    _basic_key(request)
     try:
         if not signed_in:
-            authenticate(request, keys)
+            authenticate(request, keys, basic=True)
     except Unauthenticated:
         return HTMLResponse("<h1>reactor</h1><p>Sign in with a lead source's API key as the password.</p>", 401,
                             headers={"WWW-Authenticate": 'Basic realm="reactor", charset="UTF-8"'})  # fmt: skip
@@ -97,7 +84,7 @@ async def dashboard(request: Request) -> Response:
 
 async def _gather(res: Resources) -> dict[str, Any]:
     members = await res.cache.members()
-    loads = await res.cache.loads()
+    loads = await assignees.member_loads(res.db, res.cache, res.settings)
     async with res.db.acquire() as conn:
         leads = await store.latest_leads(conn, limit=LATEST)
         failed = await store.list_failed_jobs(conn, limit=5)

@@ -21,6 +21,12 @@ ERROR_SCHEMA = {
     "properties": {"error": {"type": "string"}, "detail": {}},
     "required": ["error", "detail"],
 }
+READY_SCHEMA = {
+    "type": "object",
+    "properties": {"status": {"enum": ["ready", "not_ready"]}, "checks": {"type": "object"}},
+    "required": ["status", "checks"],
+}
+READY_OR_ERROR = {"anyOf": [READY_SCHEMA, {"$ref": "#/components/schemas/Error"}]}
 KEY_SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
 
 
@@ -34,18 +40,41 @@ def _content(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
-        400: "malformed JSON",
-        401: "missing or invalid API key",
+        400: "malformed JSON, or an event of the wrong shape",
+        401: "missing or invalid API key (or webhook signature)",
         404: "not found",
-        413: "body over 64 KiB",
+        408: "the body did not arrive in time (10 s)",
+        413: "body over its limit (64 KiB; webhooks 512 KiB)",
         415: "not application/json",
-        422: "invalid input: every bad field listed",
-        503: "not ready",
+        422: "invalid input: every bad field listed (a NUL anywhere in the URL included)",
+        503: "PostgreSQL or Redis unavailable, or no answer within 30 s: retry after Retry-After seconds",
     }
-    return {
-        str(s): {"description": reasons[s], "content": _content({"$ref": "#/components/schemas/Error"})}
-        for s in statuses
-    }
+    return {str(s): _error(reasons[s], s) for s in statuses}
+
+
+def _error(description: str, status: int) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description, "content": _content({"$ref": "#/components/schemas/Error"})}
+    if status == 503:
+        answer["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+    return answer
+
+
+# What the edge can answer whatever the route (reactor.app.Guard, reactor.api.inputs), added to every operation so
+# the document lists every status each route can give.
+_ANY_ROUTE = (422, 503)
+_READS_A_BODY = (400, 408, 413, 415, 422)
+
+
+def _every_status(document: dict[str, Any]) -> dict[str, Any]:
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            statuses: tuple[int, ...] = (422,) if path == "/healthz" else _ANY_ROUTE
+            if "requestBody" in operation:
+                statuses += _READS_A_BODY
+            for status in statuses:
+                responses.setdefault(str(status), _errors(status)[str(status)])
+    return document
 
 
 def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +82,10 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 
 
 def build_openapi() -> dict[str, Any]:
+    return _with_answers(_every_status(_document()))
+
+
+def _document() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "serialization") for m in (LeadAccepted, LeadPage, LeadList)]
         + [(LeadIn, "validation"), (Availability, "validation")],
@@ -128,7 +161,10 @@ def build_openapi() -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "summary": "PostgreSQL and Redis reachable",
-                    "responses": {"200": {"description": "ready"}, **_errors(503)},
+                    "responses": {
+                        "200": {"description": "ready", "content": _content(READY_SCHEMA)},
+                        "503": {"description": "not ready", "content": _content(READY_OR_ERROR)},
+                    },
                 }
             },
         },
@@ -147,24 +183,72 @@ def _op(summary: str, *errors: int, ok: str = "200", params: list[dict[str, Any]
     return operation
 
 
+def _with(operation: dict[str, Any], status: str, description: str) -> dict[str, Any]:
+    operation["responses"][status] = {"description": description}
+    return operation
+
+
+def _dashboard() -> dict[str, Any]:
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {"summary": "The dashboard (HTML): a key, HTTP Basic (the key as password), or a sign-in link's ?token=",
+            "security": [*KEY_SECURITY, {"basic": []}],
+            "parameters": [_query("token", "a sign-in link's token (reactor dashboard-link)", {"type": "string"})],
+            "responses": {"200": {"description": "the page", "content": html},
+                          "303": {"description": "a valid sign-in link: a session cookie, then /"},
+                          "401": {"description": "sign in (WWW-Authenticate: Basic)", "content": html}}}  # fmt: skip
+
+
 def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _obj(*required: str, **properties: dict[str, Any]) -> dict[str, Any]:
+    props = {name: {"type": "string"} for name in required} | properties
+    return {"type": "object", "properties": props, "required": list(required)}
+
+
+_LIST = {"type": "array", "items": {"type": "object"}}
+# The JSON each route answers on success, keyed by path and method (the 2xx answers above have no content yet).
+_ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/webhooks/twenty", "post"): _obj("status", "event_id"),
+    ("/sync-crm", "post"): _obj("job_id", "status"),
+    ("/tasks/auto-assign", "post"): _obj("job_id", "status"),
+    ("/reconcile", "post"): _obj("job_id", "status"),
+    ("/jobs/{job_id}", "get"): _obj("job_id", "status"),
+    ("/reconcile/{job_id}", "get"): _obj("job_id", "status", progress={}),
+    ("/jobs/failed", "get"): _obj(failed=_LIST) | {"required": ["failed"]},
+    ("/members", "get"): _obj(members=_LIST) | {"required": ["members"]},
+    ("/members/{member_id}/availability", "get"): _obj("member_id"),
+    ("/members/{member_id}/availability", "put"): _obj("member_id"),
+    ("/assignments", "get"): _obj(assignments=_LIST) | {"required": ["assignments"]},
+    ("/healthz", "get"): _obj("status"),
+}
+
+
+def _with_answers(document: dict[str, Any]) -> dict[str, Any]:
+    for (path, method), schema in _ANSWERS.items():
+        for status, answer in document["paths"][path][method]["responses"].items():
+            if status.startswith("2") and "content" not in answer:
+                answer["content"] = _content(schema)
+    return document
 
 
 def _operations_paths() -> dict[str, Any]:
     """The routes beyond lead intake: jobs, webhooks, reconciliation, routing, metrics, the dashboard."""
     availability = _ref(Availability)
     return {
-        "/webhooks/twenty": {"post": _op(
+        "/webhooks/twenty": {"post": _with(_op(
             "Twenty's webhook deliveries, signed (X-Twenty-Webhook-Signature, -Timestamp, -Nonce); 200 for a "
-            "duplicate", 400, 401, 503, ok="202", security=False)},
+            "duplicate; 503 also when TWENTY_WEBHOOK_SECRET is not set", 400, 401, 503, ok="202", security=False,
+            body={"type": "object"}), "200", "a duplicate delivery")},
         "/sync-crm": {"post": _op("Sync every unsynced lead now (a backlog job)", 401, ok="202")},
         "/tasks/auto-assign": {"post": _op("A follow-up for every person in Twenty without one (a job)", 401,
                                            ok="202")},
         "/jobs/failed": {"get": _op("Dead letters: jobs that failed for good", 401, 422)},
         "/jobs/{job_id}": {"get": _op("A job's status and result", 401, 404, params=[_path("job_id")])},
-        "/reconcile": {"post": _op("Start a reconcile (200 with the running one's id if one runs)", 401, 422,
-                                   ok="202", params=[_query("dry_run", "report only", {"type": "boolean"})])},
+        "/reconcile": {"post": _with(_op("Start a reconcile (200 with the running one's id if one runs)", 401, 422,
+                                   ok="202", params=[_query("dry_run", "report only", {"type": "boolean"})]),
+                               "200", "one is already running: its id")},
         "/reconcile/{job_id}": {"get": _op("A reconcile's status, progress and summary", 401, 404,
                                            params=[_path("job_id")])},
         "/members": {"get": _op("Workspace members with load, weight, cap and availability", 401)},
@@ -177,7 +261,7 @@ def _operations_paths() -> dict[str, Any]:
             _query("person_id", "only this person's", {"type": "string"}),
             _query("limit", "at most 500", {"type": "integer", "minimum": 1, "maximum": 500})])},
         "/metrics": {"get": _op("Prometheus metrics", security=False)},
-        "/": {"get": _op("The dashboard (HTML); also a sign-in link's ?token=", 401)},
+        "/": {"get": _dashboard()},
     }  # fmt: skip
 
 

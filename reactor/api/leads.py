@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reactor import intake, jobs, metrics
+from reactor import intake, metrics
 from reactor.api.auth import authenticate
 from reactor.api.inputs import int_param, read_json, text_param
 from reactor.errors import InvalidInput, LeadNotFound, ReactorError
@@ -45,7 +45,6 @@ async def create_lead(request: Request) -> JSONResponse:
         metrics.LEADS.labels("rejected", api_source).inc()
         raise
     result = await intake.submit(res.db, lead, api_source=api_source, payload=payload)
-    await jobs.enqueue_sync_lead(res.redis, result.lead_id)  # after the commit; a no-op once synced
     status = "created" if result.created else "existing"
     metrics.LEADS.labels(status, api_source).inc()
     return _json(LeadAccepted(status=status, lead_id=result.lead_id), 201 if result.created else 200)

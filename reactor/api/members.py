@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reactor import routing
+from reactor import assignees, routing
 from reactor.api.auth import authenticate
 from reactor.api.inputs import int_param, read_json, text_param
 from reactor.errors import InvalidInput, ReactorError
@@ -34,7 +34,11 @@ async def _known_member(res: Resources, member_id: str) -> None:
 
 async def list_members(request: Request) -> JSONResponse:
     res = _resources(request)
-    names, weights, loads = await res.cache.names(), await res.cache.members(), await res.cache.loads()
+    names, weights, loads = (
+        await res.cache.names(),
+        await res.cache.members(),
+        await assignees.member_loads(res.db, res.cache, res.settings),
+    )
     availability = await routing.read_availability(res.db)
     now = dt.datetime.now(dt.UTC)
     members: list[dict[str, Any]] = []

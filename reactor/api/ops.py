@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from reactor import metrics, store
+from reactor import assignees, metrics, store
 from reactor.resources import Resources
 
 log = logging.getLogger("reactor.ops")
@@ -50,7 +50,8 @@ async def prometheus(request: Request) -> Response:
     res: Resources = request.state.resources
     try:
         with anyio.fail_after(PROBE_TIMEOUT_S):
-            await metrics.refresh_fleet(res.redis, res.db)
+            loads = await assignees.member_loads(res.db, res.cache, res.settings)
+            await metrics.refresh_fleet(res.redis, res.db, loads)
     except Exception as exc:  # the process's own counters are still worth scraping
         log.warning("metrics.fleet_unavailable error=%s", type(exc).__name__)
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 
@@ -13,8 +12,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from reactor import events, metrics
-from reactor.api.inputs import read_body
-from reactor.errors import InvalidEvent, InvalidSignature, MalformedJson, NotConfigured, ServiceUnavailable
+from reactor.api.inputs import parse_json, read_body
+from reactor.errors import InvalidEvent, InvalidSignature, NotConfigured, ReactorError, ServiceUnavailable
 from reactor.resources import Resources
 from reactor.webhooks import MalformedEvent, SignatureRejected, parse_event, verify
 
@@ -39,10 +38,10 @@ async def twenty_webhook(request: Request) -> JSONResponse:
         metrics.WEBHOOKS.labels("unknown", "rejected_signature").inc()
         raise InvalidSignature(str(exc)) from None
     try:
-        event = parse_event(json.loads(body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        event = parse_event(parse_json(body))
+    except ReactorError:  # not JSON (400), or JSON that cannot be stored (422)
         metrics.WEBHOOKS.labels("unknown", "invalid").inc()
-        raise MalformedJson(f"body is not valid JSON: {exc}") from None
+        raise
     except MalformedEvent as exc:
         metrics.WEBHOOKS.labels("unknown", "invalid").inc()
         raise InvalidEvent(str(exc)) from None
@@ -62,7 +61,7 @@ async def twenty_webhook(request: Request) -> JSONResponse:
         metrics.WEBHOOKS.labels(event.name, "duplicate").inc()
         return JSONResponse({"status": "duplicate", "event_id": event.event_id})
     try:
-        outcome = await events.handle(event, db=res.db, cache=res.cache, queue=res.redis)
+        outcome = await events.handle(event, db=res.db, cache=res.cache)
     except RedisError as exc:
         await _forget(res, event_key)  # not processed: a re-send (or reconcile) may still apply it
         raise ServiceUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None

@@ -52,7 +52,7 @@ def now() -> str:
 @dataclass
 class Workspace:
     custom_person_fields: set[str] = field(default_factory=set)
-    legacy_task_targets: bool = False  # personId (before Twenty 1.17) instead of targetPersonId
+    legacy_task_targets: bool = False  # the 1.16-era server: personId (before Twenty 1.17), its messages
     tables: dict[str, dict[str, dict[str, Any]]] = field(
         default_factory=lambda: {name: {} for name in ("person", "task", "taskTarget", "workspaceMember")}
     )
@@ -66,6 +66,11 @@ class Workspace:
         if obj == "taskTarget":
             return LEGACY_TARGET_FIELDS if self.legacy_task_targets else TARGET_FIELDS
         return {"task": TASK_FIELDS, "workspaceMember": MEMBER_FIELDS}[obj]
+
+    def duplicate_message(self, field_name: str) -> str:
+        """The 1.16-era server names no field (rest/63); later ones do."""
+        return "A duplicate entry was detected" + ("" if self.legacy_task_targets else
+                                                   f". Please check the {field_name} field.")  # fmt: skip
 
     def seed(self, members: int, open_tasks: int) -> None:
         for i in range(members):
@@ -119,7 +124,7 @@ class Workspace:
         clean = self.validate(obj, data)
         record_id = clean.get("id") or str(uuid.uuid4())
         if record_id in self.tables[obj]:
-            raise Rejected(400, "A duplicate entry was detected. Please check the id field.")
+            raise Rejected(400, self.duplicate_message("id"))
         if obj == "person":
             self._check_unique_email(clean, None)
         self._position -= 1
@@ -190,7 +195,7 @@ class Workspace:
         email = (clean.get("emails") or {}).get("primaryEmail")
         if email and any(p["emails"]["primaryEmail"] == email and p["id"] != own_id
                          for p in self.tables["person"].values()):  # fmt: skip
-            raise Rejected(400, "A duplicate entry was detected. Please check the emails field.")
+            raise Rejected(400, self.duplicate_message("emails"))
 
     def _defaults(self, obj: str) -> dict[str, Any]:
         if obj == "person":
