@@ -479,4 +479,9 @@ def test_env_example_works_when_copied(tmp_path: Path, monkeypatch: pytest.Monke
     aliases = {str(f.validation_alias) for f in Settings.model_fields.values()}
     assert set(named) == aliases
     (tmp_path / "all.env").write_text("\n".join(f"{k}={v}" for k, v in named.items()))
-    load_settings(tmp_path / "all.env")
+    shown = load_settings(tmp_path / "all.env")
+    # ... and each value shown is the default, but for the examples of what has none.
+    defaults = load_settings(None, LEAD_API_KEYS="x:y")
+    differ = {str(f.validation_alias) for name, f in Settings.model_fields.items()
+              if getattr(shown, name) != getattr(defaults, name)}  # fmt: skip
+    assert differ <= {"DATABASE_URL", "LEAD_API_KEYS", "TWENTY_REST_URL", "TWENTY_REST_TOKEN", "TWENTY_WEBHOOK_SECRET"}
