@@ -1,7 +1,8 @@
 """The follow-up task's body: written by a local LLM (Ollama) when enabled, else (or when it fails) a template.
 
-Lead fields are untrusted (anyone can post a lead): they reach the model only inside a fenced data block that a
-value cannot close, and the answer is stripped of raw HTML and capped before it becomes a task body. Task creation
+Lead fields are untrusted (anyone can post a lead): they are escaped as markdown text in the template and in the
+prompt, reach the model only inside a fenced data block that a value cannot close, and the answer is stripped of
+raw HTML, images and links, and capped before it becomes a task body. Task creation
 never waits on, or fails because of, the LLM: every failure falls back to the template.
 """
 
@@ -58,12 +59,17 @@ class FollowUpCopy:
     llm_used: bool
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~])")
+
+
 def _clean(value: Any) -> str:
-    """A value as one line that cannot close the data fence."""
+    """A value as one line of markdown text: it cannot close the data fence, and every markdown character is
+    escaped, so a lead named `![](https://…)` or `[Verify your login](…)` is shown as typed, never as an image or
+    a link."""
     text = " ".join(str(value).split())
     for marker in (FENCE_OPEN, FENCE_CLOSE, "<<<", ">>>"):
         text = text.replace(marker, "")
-    return text[:MAX_VALUE_CHARS]
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text[:MAX_VALUE_CHARS])
 
 
 def template(ctx: FollowUpContext) -> str:
@@ -99,8 +105,23 @@ _WRAPPING_FENCE = re.compile(r"^```[a-zA-Z]*\n(.*)\n```$", re.DOTALL)
 _PLAIN = re.compile(r"[\w\s.,;:!?'\"()\[\]*#\-+/&%$€£@\u2013\u2014\u2026]")
 
 
+# Images go whole; a link keeps its text and loses its target; bare URLs and autolinks lose their scheme.
+_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)|!\[[^\]]*\]\[[^\]]*\]")
+_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)|\[([^\]]*)\]\[[^\]]*\]")
+_REFERENCE = re.compile(r"^\s*\[[^\]]+\]:\s*\S+.*$", re.MULTILINE)
+_URL = re.compile(r"<?\b(?:https?|ftp|mailto|data|javascript):[^\s>)]*>?", re.IGNORECASE)
+
+
+def strip_links(text: str) -> str:
+    """The model's answer without images or links: a task body is no place for a URL an attacker chose."""
+    text = _IMAGE.sub("", text)
+    text = _LINK.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), text)
+    text = _REFERENCE.sub("", text)
+    return _URL.sub("", text)
+
+
 def sanitize(answer: str) -> str:
-    text = _TAG.sub("", _SCRIPT.sub("", answer)).strip()
+    text = strip_links(_TAG.sub("", _SCRIPT.sub("", answer))).strip()
     if match := _WRAPPING_FENCE.match(text):
         text = match.group(1).strip()
     if len(text) > MAX_CHARS:

@@ -29,7 +29,6 @@ from reactor.twenty import Person, TwentyError, TwentyUnavailable
 log = logging.getLogger("reactor.drain")
 
 IDLE_POLL_S = 0.02  # how often an idle loop looks for work (one cheap query): bounds a lone lead's latency
-LEASE_S = 30.0  # renewed while a round runs, so only a dead loop's lease runs out
 SLA_SWEEP_S = 60.0
 ERROR_PAUSE_MAX_S = 30.0
 
@@ -53,17 +52,19 @@ class Round:
 
 @contextlib.asynccontextmanager
 async def _leased(res: Resources, renew: list[int], lead_ids: list[str]) -> AsyncIterator[None]:
-    """Keep the round's leases alive while it runs (a call may wait a minute for a token)."""
+    """Keep the round's leases alive while it runs (a call may wait a minute for a token), so the lease itself
+    can be short: only a dead loop's lease runs out, and its work is taken again within SYNC_LEASE_S."""
+    lease = res.settings.sync_lease_s
 
     async def heartbeat() -> None:
         while True:
-            await asyncio.sleep(LEASE_S / 3)
+            await asyncio.sleep(lease / 3)
             with contextlib.suppress(Exception):  # PostgreSQL away: the lease simply runs out, work is redone
                 async with res.db.acquire() as conn:
                     if renew:
-                        await followup_store.renew(conn, renew, lease_s=LEASE_S)
+                        await followup_store.renew(conn, renew, lease_s=lease)
                     if lead_ids:
-                        await store.renew_sync_leases(conn, lead_ids, lease_s=LEASE_S)
+                        await store.renew_sync_leases(conn, lead_ids, lease_s=lease)
 
     task = asyncio.create_task(heartbeat())
     try:
@@ -81,7 +82,7 @@ async def sync_leads(
     options = sync.SyncOptions.from_settings(res.settings)
     async with res.db.acquire() as conn:
         leads = [dict(r) for r in await store.claim_unsynced(conn, limit=limit or options.batch_size,
-                                                              lease_s=LEASE_S)]  # fmt: skip
+                                                              lease_s=res.settings.sync_lease_s)]  # fmt: skip
     if not leads:
         return None, None
     ids = [lead["lead_id"] for lead in leads]
@@ -117,7 +118,8 @@ async def owe_for_returning_leads(res: Resources, *, limit: int = 200) -> int:
 async def work_follow_ups(res: Resources, *, limit: int | None = None) -> Worked:
     deps = res.follow_up_deps()
     async with res.db.acquire() as conn:
-        rows = await followup_store.claim(conn, limit=limit or res.settings.twenty_batch_size, lease_s=LEASE_S)
+        rows = await followup_store.claim(conn, limit=limit or res.settings.twenty_batch_size,
+                                          lease_s=res.settings.sync_lease_s)  # fmt: skip
     if not rows:
         return Worked()
     async with _leased(res, [r["id"] for r in rows], []):
@@ -167,7 +169,7 @@ async def run_forever(res: Resources) -> None:
             result = await run_round(res)
             if time.monotonic() >= next_sla and res.settings.follow_up_sla_hours and res.settings.max_reassignments:
                 next_sla = time.monotonic() + SLA_SWEEP_S
-                await followups.sla_sweep(res.follow_up_deps(), lease_s=LEASE_S)
+                await followups.sla_sweep(res.follow_up_deps(), lease_s=res.settings.sync_lease_s)
             failures = 0
         except asyncio.CancelledError:
             raise

@@ -21,11 +21,12 @@ class Submission:
 
 
 async def submit(db: asyncpg.Pool, lead: LeadIn, *, api_source: str, payload: Mapping[str, Any]) -> Submission:
-    """Store a lead, deduplicated (email, then phone, then the source's lead_id). Race-free; see store."""
+    """Store a lead, deduplicated (email, then phone, then the source's own id within that source). Race-free,
+    one round trip; see store.upsert_lead."""
     async with db.acquire() as conn:
         lead_id, created = await store.upsert_lead(
             conn,
-            lead_id=lead.lead_id,
+            source_lead_id=lead.lead_id,
             columns=lead.columns(),
             raw=lead.unknown_fields(),
             api_source=api_source,
@@ -34,9 +35,10 @@ async def submit(db: asyncpg.Pool, lead: LeadIn, *, api_source: str, payload: Ma
     return Submission(lead_id, created)
 
 
-async def get(db: asyncpg.Pool, lead_id: str) -> Lead | None:
+async def get(db: asyncpg.Pool, lead_id: str, *, api_source: str | None = None) -> Lead | None:
+    """By reactor's id, or by `api_source`'s own id for the lead."""
     async with db.acquire() as conn:
-        row = await store.get_lead(conn, lead_id)
+        row = await store.get_lead(conn, lead_id, api_source=api_source)
     return None if row is None else Lead.from_row(row)
 
 
@@ -56,9 +58,9 @@ def decode_cursor(cursor: str) -> int:
     return int(number)
 
 
-async def page(db: asyncpg.Pool, *, limit: int, cursor: str | None) -> tuple[list[Lead], str | None]:
-    """A page of leads, newest first, and the cursor of the next page (None at the end)."""
-    before = decode_cursor(cursor) if cursor else None
+async def page(db: asyncpg.Pool, *, limit: int, before: int | None) -> tuple[list[Lead], str | None]:
+    """A page of leads, newest first, and the cursor of the next page (None at the end). `before`: the decoded
+    cursor of this page."""
     async with db.acquire() as conn:
         rows = await store.list_leads(conn, limit=limit + 1, before_seq=before)
     more = len(rows) > limit

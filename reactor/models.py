@@ -6,6 +6,7 @@ when it is an ISO code, else from the validation context's `phone_region` (DEFAU
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
@@ -23,6 +24,10 @@ from pydantic import (
 )
 
 from reactor.normalize import normalize_email, normalize_phone
+
+# Repeats of a person (a third of intake) skip the parsers: the results are pure functions of their inputs.
+_email = functools.lru_cache(maxsize=16_384)(normalize_email)
+_phone = functools.lru_cache(maxsize=16_384)(normalize_phone)
 
 
 def _blank_to_none(value: Any) -> Any:
@@ -104,7 +109,10 @@ class LeadIn(BaseModel):
     lead_id: Annotated[
         Annotated[str, Field(max_length=200, pattern=r"^[\x21-\x7e]+$")] | None,
         BeforeValidator(_blank_to_none),
-        Field(description="the source's own id, printable ASCII; generated when absent"),
+        Field(
+            description="the source's own id, printable ASCII: unique within the source, and a dedupe key "
+            "within it (reactor's own id is in the answer)"
+        ),
     ] = None
     first_name: Text = None
     last_name: Text = None
@@ -127,7 +135,7 @@ class LeadIn(BaseModel):
     @field_validator("email")
     @classmethod
     def _normalize_email(cls, value: str | None) -> str | None:
-        return None if value is None else normalize_email(value)
+        return None if value is None else _email(value)
 
     @field_validator("phone")
     @classmethod
@@ -139,7 +147,7 @@ class LeadIn(BaseModel):
         country = (address.country or "").upper() if isinstance(address, Address) else ""
         if country in phonenumbers.SUPPORTED_REGIONS:
             region = country
-        return normalize_phone(value, region)
+        return _phone(value, region)
 
     @model_validator(mode="after")
     def _contact_required(self) -> LeadIn:
@@ -192,7 +200,8 @@ class LeadIn(BaseModel):
 
 class LeadAccepted(BaseModel):
     status: str = Field(description="'created' (201) or 'existing' (200)")
-    lead_id: str
+    lead_id: str = Field(description="reactor's id of the lead (GET /leads/{lead_id})")
+    source_lead_id: str | None = Field(None, description="the source's own id, as this submission gave it")
 
 
 class FollowUp(BaseModel):
@@ -209,6 +218,8 @@ class Lead(BaseModel):
     """A stored lead with its CRM state, as the read endpoints return it."""
 
     lead_id: str
+    source_lead_id: str | None = Field(description="the id the first source gave it (unique within that source)")
+    version: int = Field(description="bumped by every submission that changed the lead")
     first_name: str | None
     last_name: str | None
     email: str | None
@@ -236,27 +247,33 @@ class Lead(BaseModel):
 
     @classmethod
     def from_row(cls, row: Any) -> Lead:
-        return cls(
+        """The stored lead, not validated again: it was validated on the way in, and a record written under
+        older rules (a salary range merged upside down, say) must still be readable, never a 500."""
+        return cls.model_construct(
             lead_id=row["lead_id"],
+            source_lead_id=row["source_lead_id"],
+            version=row["version"],
             first_name=row["first_name"],
             last_name=row["last_name"],
             email=row["email"],
             phone=row["phone"],
-            address=Address(
+            address=Address.model_construct(
                 street=row["street"],
                 city=row["city"],
                 state=row["state"],
                 postal_code=row["postal_code"],
                 country=row["country"],
             ),
-            vehicle=Vehicle(make=row["vehicle_make"], model=row["vehicle_model"], year=row["vehicle_year"]),
-            employment=Employment(
+            vehicle=Vehicle.model_construct(
+                make=row["vehicle_make"], model=row["vehicle_model"], year=row["vehicle_year"]
+            ),
+            employment=Employment.model_construct(
                 employer=row["employer"],
                 job_title=row["job_title"],
                 employment_status=row["employment_status"],
                 years_employed=row["years_employed"],
             ),
-            salary=SalaryRange(min=row["salary_min"], max=row["salary_max"]),
+            salary=SalaryRange.model_construct(min=row["salary_min"], max=row["salary_max"]),
             current_credit=row["current_credit"],
             consent=row["consent"],
             source=row["source"],
@@ -288,5 +305,6 @@ class LeadList(BaseModel):
 def _follow_up(row: Any) -> FollowUp | None:
     if row.get("fu_task_id") is None:  # rows read without the follow-up join have no such column
         return None
-    return FollowUp(task_id=row["fu_task_id"], assignee_id=row["fu_assignee_id"], state=row["fu_state"],
-                    llm_used=row["fu_llm_used"], opened_at=row["fu_opened_at"])  # fmt: skip
+    return FollowUp.model_construct(task_id=row["fu_task_id"], assignee_id=row["fu_assignee_id"],
+                                    state=row["fu_state"], llm_used=row["fu_llm_used"],
+                                    opened_at=row["fu_opened_at"])  # fmt: skip

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     sync_sweep_s: int = Field(30, ge=1, validation_alias="SYNC_SWEEP_S")
     sync_max_tries: int = Field(8, ge=1, le=50, validation_alias="SYNC_MAX_TRIES")
     # How long a worker holds the leads it is pushing; a killed worker's leads are pushed again after it.
-    sync_lease_s: float = Field(120.0, ge=1, le=3600, validation_alias="SYNC_LEASE_S")
+    sync_lease_s: float = Field(30.0, ge=1, le=3600, validation_alias="SYNC_LEASE_S")
     sync_retry_base_s: float = Field(5.0, gt=0, le=3600, validation_alias="SYNC_RETRY_BASE_S")
     twenty_max_attempts: int = Field(4, ge=1, le=10, validation_alias="TWENTY_MAX_ATTEMPTS")
     twenty_webhook_secret: SecretStr | None = Field(None, validation_alias="TWENTY_WEBHOOK_SECRET")

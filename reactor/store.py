@@ -7,6 +7,7 @@ of those keys. No code path reads and then decides to insert.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -47,46 +48,13 @@ MERGEABLE_COLUMNS = (
 )
 # Unique columns: gained only when no other lead already holds the value.
 UNIQUE_COLUMNS = ("email", "phone")
-_MAX_RACE_RETRIES = 5
+# `raw` (the fields the schema does not know) is capped per lead; what does not fit stays in lead_submissions.
+RAW_MAX_KEYS = 200
+RAW_MAX_BYTES = 16 * 1024
 
-_INSERT = f"""
-INSERT INTO leads (lead_id, api_source, raw, {", ".join(UNIQUE_COLUMNS + MERGEABLE_COLUMNS)})
-VALUES ($1, $2, $3, {", ".join(f"${i}" for i in range(4, 4 + len(UNIQUE_COLUMNS + MERGEABLE_COLUMNS)))})
-ON CONFLICT DO NOTHING
-RETURNING lead_id
-"""
-
-# Dedupe order: email first, then phone, then the source's lead_id.
-_MATCH = """
-SELECT lead_id FROM (
-    SELECT lead_id, 1 AS rank FROM leads WHERE email = $1
-    UNION ALL SELECT lead_id, 2 FROM leads WHERE phone = $2
-    UNION ALL SELECT lead_id, 3 FROM leads WHERE lead_id = $3
-) AS matches
-ORDER BY rank
-LIMIT 1
-"""
-
-_MERGE = f"""
-UPDATE leads SET
-    {", ".join(f"{col} = COALESCE({col}, ${i})" for i, col in enumerate(MERGEABLE_COLUMNS, start=5))},
-    email = COALESCE(email, (SELECT $2::text WHERE NOT EXISTS (SELECT 1 FROM leads WHERE email = $2))),
-    phone = COALESCE(phone, (SELECT $3::text WHERE NOT EXISTS (SELECT 1 FROM leads WHERE phone = $3))),
-    raw = $4::jsonb || raw,
-    -- A Person already in Twenty is pushed again when the lead gains something it lacked.
-    crm_synced = crm_synced AND NOT (
-        (email IS NULL AND $2::text IS NOT NULL) OR (phone IS NULL AND $3::text IS NOT NULL)
-        {"".join(f" OR ({col} IS NULL AND ${i} IS NOT NULL)" for i, col in enumerate(MERGEABLE_COLUMNS, start=5))}
-    ),
-    last_seen_at = now(),
-    submission_count = submission_count + 1
-WHERE lead_id = $1
-RETURNING lead_id
-"""
-
-_RECORD_SUBMISSION = """
-INSERT INTO lead_submissions (lead_id, api_source, outcome, payload) VALUES ($1, $2, $3, $4)
-"""
+# One round trip: the plpgsql function in schema.sql inserts or merges and records the submission.
+_SUBMIT = f"""SELECT lead_id, created FROM reactor_submit_lead(
+    $1, $2, $3, $4, $5, $6, $7, {", ".join(f"${i}" for i in range(8, 8 + len(UNIQUE_COLUMNS + MERGEABLE_COLUMNS)))})"""
 
 
 def new_lead_id() -> str:
@@ -96,57 +64,56 @@ def new_lead_id() -> str:
 async def upsert_lead(
     conn: Conn,
     *,
-    lead_id: str | None,
+    source_lead_id: str | None,
     columns: Mapping[str, Any],
     raw: Mapping[str, Any],
     api_source: str,
     payload: Mapping[str, Any],
 ) -> tuple[str, bool]:
-    """Store a submission; return (lead_id, created).
+    """Store a submission; return (reactor's lead_id, created).
 
-    Either inserts a new lead, or merges into the lead it matches (email, then phone, then lead_id): the match
-    gains the fields it lacked and nothing it has is overwritten. Safe under any concurrency: when two
-    submissions of one person race, the unique indexes let exactly one insert, and the others merge into it.
-    Every submission is also kept verbatim in `lead_submissions`.
+    Either inserts a new lead under a new reactor id, or merges into the lead it matches (email, then phone, then
+    the source's own id within that source): see `reactor_submit_lead` in schema.sql for the merge rules. Safe
+    under any concurrency: the unique indexes let exactly one insert win, and the others merge into it. Every
+    submission is also kept verbatim in `lead_submissions`. One statement, one round trip.
     """
-    unique = [columns.get(col) for col in UNIQUE_COLUMNS]
-    mergeable = [columns.get(col) for col in MERGEABLE_COLUMNS]
-    for _ in range(_MAX_RACE_RETRIES):
-        try:
-            async with conn.transaction():
-                inserted = await conn.fetchval(
-                    _INSERT, lead_id or new_lead_id(), api_source, dict(raw), *unique, *mergeable
-                )
-                if inserted is not None:
-                    await conn.execute(_RECORD_SUBMISSION, inserted, api_source, "created", dict(payload))
-                    return inserted, True
-                # The insert met a committed conflicting row (ON CONFLICT waits for an in-flight one), so a
-                # fresh statement in READ COMMITTED sees it.
-                match = await conn.fetchval(_MATCH, columns.get("email"), columns.get("phone"), lead_id)
-                if match is None:
-                    continue
-                merged = await conn.fetchval(_MERGE, match, *unique, dict(raw), *mergeable)
-                if merged is None:
-                    continue
-                await conn.execute(_RECORD_SUBMISSION, merged, api_source, "existing", dict(payload))
-                return merged, False
-        except asyncpg.UniqueViolationError:
-            # A concurrent writer took an email or phone this merge wanted to fill in: go round again, and the
-            # NOT EXISTS guards in _MERGE now see it.
-            continue
-    raise RuntimeError(f"lead upsert did not settle after {_MAX_RACE_RETRIES} attempts")
+    row = await conn.fetchrow(
+        _SUBMIT,
+        new_lead_id(),
+        api_source,
+        source_lead_id,
+        raw,
+        payload,
+        RAW_MAX_KEYS,
+        RAW_MAX_BYTES,
+        *[columns.get(col) for col in UNIQUE_COLUMNS],
+        *[columns.get(col) for col in MERGEABLE_COLUMNS],
+    )
+    assert row is not None  # the function returns a row or raises
+    return row["lead_id"], row["created"]
 
 
-async def get_lead(conn: Conn, lead_id: str) -> asyncpg.Record | None:
-    """The lead, with its person's latest follow-up (`fu_*` columns, NULL when there is none)."""
+_FOLLOW_UP_JOIN = """LEFT JOIN LATERAL (
+               SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f ON true"""
+
+
+async def get_lead(conn: Conn, lead_id: str, *, api_source: str | None = None) -> asyncpg.Record | None:
+    """The lead, with its person's latest follow-up (`fu_*` columns, NULL when there is none).
+
+    `lead_id` is reactor's id or, when `api_source` is given, that source's own id for the lead; the source's
+    id wins when both name a lead (a source looks its leads up by the ids it gave them)."""
     return await conn.fetchrow(
-        """SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
+        f"""SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
                   f.llm_used AS fu_llm_used, f.opened_at AS fu_opened_at
            FROM leads l
-           LEFT JOIN LATERAL (SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f
-                  ON true
-           WHERE l.lead_id = $1""",
+           {_FOLLOW_UP_JOIN}
+           WHERE l.lead_id = (
+               SELECT m.lead_id FROM (
+                   SELECT lead_id, 1 AS rank FROM leads WHERE api_source = $2 AND source_lead_id = $1
+                   UNION ALL SELECT lead_id, 2 FROM leads WHERE lead_id = $1
+               ) AS m ORDER BY m.rank LIMIT 1)""",
         lead_id,
+        api_source,
     )
 
 
@@ -206,30 +173,37 @@ async def search_leads(
 # --- sync to Twenty -------------------------------------------------------------------------------------------
 # A lead is worked by one worker at a time: a claim is a lease (`sync_claimed_until`) taken by an UPDATE, so
 # the single-lead job and the backlog sweep never push the same lead at once, and a killed worker's lease
-# simply runs out.
+# simply runs out. The claim also chooses the lead's Person id the first time (stored before Twenty is called),
+# so whoever pushes the lead next upserts the same Person.
 
 _CLAIMABLE = """NOT crm_synced AND NOT suppressed AND sync_gave_up_at IS NULL
     AND (sync_claimed_until IS NULL OR sync_claimed_until < now())"""
+_CHOOSE_PERSON_ID = "crm_person_id = coalesce(l.crm_person_id, gen_random_uuid()::text)"
 
 
 async def claim_lead(conn: Conn, lead_id: str, *, lease_s: float) -> asyncpg.Record | None:
-    """Lease one unsynced lead; None when it is synced, suppressed, unknown, or leased by another worker."""
+    """Lease one unsynced lead; None when it is synced, suppressed, unknown, or leased by another worker.
+    The row carries `person_id_is_new`: its Person id was chosen by this claim (no Person can have it yet)."""
     return await conn.fetchrow(
-        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2)
-            WHERE lead_id = $1 AND {_CLAIMABLE} RETURNING *""",
+        f"""WITH picked AS (SELECT lead_id, crm_person_id AS before FROM leads
+                            WHERE lead_id = $1 AND {_CLAIMABLE} FOR UPDATE)
+            UPDATE leads l SET sync_claimed_until = now() + make_interval(secs => $2), {_CHOOSE_PERSON_ID}
+            FROM picked WHERE l.lead_id = picked.lead_id
+            RETURNING l.*, picked.before IS NULL AS person_id_is_new""",
         lead_id,
         lease_s,
     )
 
 
 async def claim_unsynced(conn: Conn, *, limit: int, lease_s: float) -> list[asyncpg.Record]:
-    """Lease up to `limit` unsynced leads, oldest first, skipping any another worker holds."""
+    """Lease up to `limit` unsynced leads, oldest first, skipping any another worker holds. Each row carries
+    `person_id_is_new` (see claim_lead)."""
     return await conn.fetch(
-        f"""UPDATE leads SET sync_claimed_until = now() + make_interval(secs => $2)
-            WHERE lead_id IN (
-                SELECT lead_id FROM leads WHERE {_CLAIMABLE} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED
-            )
-            RETURNING *""",
+        f"""WITH picked AS (SELECT lead_id, crm_person_id AS before FROM leads
+                            WHERE {_CLAIMABLE} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)
+            UPDATE leads l SET sync_claimed_until = now() + make_interval(secs => $2), {_CHOOSE_PERSON_ID}
+            FROM picked WHERE l.lead_id = picked.lead_id
+            RETURNING l.*, picked.before IS NULL AS person_id_is_new""",
         limit,
         lease_s,
     )
@@ -266,15 +240,26 @@ async def count_unsynced(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM leads WHERE NOT crm_synced AND NOT suppressed"))
 
 
-async def mark_synced(conn: Conn, person_ids: Mapping[str, str]) -> None:
-    """Record the Person id of each lead (lead_id -> person id) and release its lease."""
+async def mark_synced(
+    conn: Conn,
+    person_ids: Mapping[str, str],
+    *,
+    versions: Mapping[str, int],
+    values: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Record a push (lead_id -> person id, the lead version it sent, the values it stands for) and release the
+    lease. The lead is marked synced only if it is still at that version; a newer one stays pending."""
+    lead_ids = list(person_ids)
     await conn.execute(
-        """UPDATE leads SET crm_person_id = p.person_id, crm_synced = true, crm_synced_at = now(),
+        """UPDATE leads SET crm_person_id = p.person_id, crm_synced = (leads.version = p.version),
+                            synced_version = p.version, pushed = p.pushed::jsonb, crm_synced_at = now(),
                             last_sync_error = NULL, sync_claimed_until = NULL
-           FROM unnest($1::text[], $2::text[]) AS p(lead_id, person_id)
+           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS p(lead_id, person_id, version, pushed)
            WHERE leads.lead_id = p.lead_id""",
-        list(person_ids),
-        list(person_ids.values()),
+        lead_ids,
+        [person_ids[lead_id] for lead_id in lead_ids],
+        [versions[lead_id] for lead_id in lead_ids],
+        [json.dumps(values[lead_id]) for lead_id in lead_ids],
     )
 
 

@@ -1,16 +1,22 @@
 """Sync leads to Twenty as People: one lead (the `sync_lead` job) or the backlog (sweep, POST /sync-crm).
 
 Every lead becomes exactly one Person:
-* Twenty's upsert matches on the primary email, so pushing a lead twice updates the same Person. A lead with
-  only a phone is looked up by phone first, since Twenty cannot upsert on it.
-* A worker leases the leads it pushes (store.claim_*), so the job and the sweep never push one lead at once; a
-  killed worker's lease runs out and the lead is pushed again later, which the upsert makes harmless.
+* reactor chooses the Person's id when it first claims the lead and stores it before any call, so every push of
+  a lead (a retry after a lost answer, a second worker) upserts that same id. A lead with only a phone is looked
+  up by phone first, so a Person made outside reactor is updated rather than duplicated.
+* A worker leases the leads it pushes (store.claim_*) for the worst case of the calls it makes; a killed
+  worker's lease runs out and the lead is pushed again later, which the stable id makes harmless.
+* A push is marked synced only at the lead version it sent; a lead changed meanwhile is pushed again.
+* What is sent follows reactor.survivorship: everything on the first sync, only what changed on a re-sync,
+  never a blank, and Twenty wins for a field someone edited there.
 * Twenty's upsert also revives a Person in the trash. Unless `restore_deleted` is set, such a lead is marked
-  suppressed instead, so a person someone deleted stays deleted.
+  suppressed instead (checked by id for every lead, and by email before its first push), so a person someone
+  deleted stays deleted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,15 +24,31 @@ from typing import Any
 
 import asyncpg
 
-from reactor import store
+from reactor import store, survivorship
 from reactor.settings import Settings
-from reactor.twenty import Person, PersonInput, TwentyClient, TwentyError, TwentyRejected
+from reactor.twenty import TIMEOUT, Person, PersonInput, TwentyClient, TwentyError, TwentyRejected
 
 log = logging.getLogger("reactor.sync")
 
-LEASE_S = 120.0  # longer than any in-call retry budget of the Twenty client
+LEASE_S = 120.0  # the floor of a lease; the worst-case retry budget of the push makes it longer (lease_for)
 TRASH_LOOKUP_CHUNK = 100  # emails per trash query: keeps the filter URL well under common 8 KiB limits
 TRASH_SNAPSHOT_MAX = 2000  # a backlog run reads a trash this small whole (10 calls at most), once
+ID_LOOKUP_CHUNK = 100  # ids per by-id query (the client chunks the same way)
+
+
+@dataclass(frozen=True)
+class CallBudget:
+    """The worst case of one Twenty call made through TwentyClient: every attempt waits the longest for a token
+    and then times out in every phase, with the longest backoff between attempts."""
+
+    max_attempts: int = 4
+    token_wait_s: float = 60.0  # RedisTokenBucket's max_wait_s
+    timeout_s: float = sum(t or 0.0 for t in (TIMEOUT.connect, TIMEOUT.read, TIMEOUT.write, TIMEOUT.pool))
+    backoff_max_s: float = 30.0
+
+    @property
+    def worst_case_s(self) -> float:
+        return self.max_attempts * (self.token_wait_s + self.timeout_s) + (self.max_attempts - 1) * self.backoff_max_s
 
 
 @dataclass(frozen=True)
@@ -34,12 +56,30 @@ class SyncOptions:
     field_map: Mapping[str, str]
     restore_deleted: bool
     batch_size: int = 200
-    lease_s: float = LEASE_S
+    lease_s: float = LEASE_S  # a floor: see lease_for
+    budget: CallBudget = field(default_factory=CallBudget)
+    fixed_lease: bool = False  # lease exactly `lease_s` (SYNC_LEASE_S set by the operator)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SyncOptions:
+        # SYNC_LEASE_S, when set, is taken as it is: shorter than the worst case can only waste calls (the Person
+        # id is fixed), and lets a killed worker's leads go sooner. Unset, the lease is derived (lease_for).
         return cls(field_map=settings.person_field_map, restore_deleted=settings.restore_deleted_people,
-                   batch_size=settings.twenty_batch_size, lease_s=settings.sync_lease_s)  # fmt: skip
+                   batch_size=settings.twenty_batch_size, lease_s=settings.sync_lease_s,
+                   budget=CallBudget(max_attempts=settings.twenty_max_attempts),
+                   fixed_lease="sync_lease_s" in settings.model_fields_set)  # fmt: skip
+
+    def lease_for(self, leads: int) -> float:
+        """How long to lease `leads` leads for one push: the worst case of the calls that push makes (a by-id
+        look-up and a trash look-up per 100 leads, a phone look-up per phone-only lead, one upsert per batch),
+        never less than `lease_s`. A second worker that still pushes the same lead (the lone-record fallback
+        after a rejected batch can outlast this) upserts the same Person id, so it can waste calls but never
+        create a second Person."""
+        if self.fixed_lease:
+            return self.lease_s
+        lookups = 2 * -(-leads // ID_LOOKUP_CHUNK)
+        calls = lookups + leads + -(-leads // max(self.batch_size, 1))
+        return max(self.lease_s, calls * self.budget.worst_case_s)
 
 
 @dataclass
@@ -50,6 +90,8 @@ class Pushed:
     suppressed: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # lead_id -> Twenty's message
     people: list[Person] = field(default_factory=list)  # as Twenty returned them, for the follow-ups
+    versions: dict[str, int] = field(default_factory=dict)  # lead_id -> the lead version this push sent
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)  # lead_id -> the values it stands for
 
 
 @dataclass
@@ -73,27 +115,20 @@ class BacklogResult:
         }
 
 
-def person_input(lead: Mapping[str, Any], field_map: Mapping[str, str]) -> PersonInput:
-    """The Person a lead becomes: name, primary email and phone, job title, city, and mapped custom fields."""
-    custom = {
-        person_field: _jsonable(lead[column]) for column, person_field in field_map.items() if lead[column] is not None
-    }
-    return PersonInput(
-        id=lead["crm_person_id"],
-        first_name=lead["first_name"] or "",
-        last_name=lead["last_name"] or "",
-        email=lead["email"],
-        phone=lead["phone"],
-        job_title=lead["job_title"],
-        city=lead["city"],
-        custom_fields=custom,
-    )
+def person_input(lead: Mapping[str, Any], field_map: Mapping[str, str], in_twenty: Person | None = None) -> PersonInput:
+    """What this push sends for the lead (see reactor.survivorship): everything reactor has on the first
+    sync, only what changed since the last push on a re-sync. `in_twenty`: the Person as Twenty holds it now."""
+    values = survivorship.lead_values(lead, field_map)
+    now = survivorship.twenty_values(in_twenty, field_map) if in_twenty is not None else None
+    send = survivorship.changes(values, _pushed(lead), now)
+    return survivorship.person_input(lead["crm_person_id"], send, values, now)
 
 
-def _jsonable(value: Any) -> Any:
-    from decimal import Decimal
-
-    return float(value) if isinstance(value, Decimal) else value
+def _pushed(lead: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    pushed = lead.get("pushed")
+    if isinstance(pushed, str):  # a connection without the jsonb codec
+        pushed = json.loads(pushed)
+    return pushed if lead.get("synced_version") is not None else None
 
 
 async def push(
@@ -102,39 +137,96 @@ async def push(
     """Push leased leads to Twenty. Raises TwentyUnavailable when Twenty is down or rate-limited (nothing is
     recorded then; the caller releases the leases). A rejected batch is retried lead by lead, so one bad
     record does not hold back the others. `trash`: the emails in Twenty's trash, when the caller already
-    knows them; else they are looked up for these leads."""
+    knows them; else they are looked up for these leads.
+
+    Every lead carries the Person id it is upserted by (chosen at the claim, stored before any call), so a
+    retry after a lost answer, or a second worker, updates that same Person. Twenty's upsert matches on the id
+    and on the primary email; when the email belongs to another Person already, Twenty updates that one and
+    answers with its id, which is recorded instead."""
     pushed = Pushed()
-    with_email = [lead for lead in leads if lead["email"]]
-    phone_only = [lead for lead in leads if not lead["email"]]
+    # Leads come from store.claim_*, which gives each one its Person id; one without (a caller that did not
+    # claim) is upserted by email as before, without the retry safety. An id the claim just chose cannot be in
+    # Twenty yet: no look-up for it (a backlog of new leads costs one upsert per batch, as before).
+    known_ids = [lead["crm_person_id"] for lead in leads if lead["crm_person_id"] and not lead.get("person_id_is_new")]
+    by_id = {p.id: p for p in await twenty.find_people_by_ids(known_ids)} if known_ids else {}
+    todo: list[tuple[Mapping[str, Any], Person | None]] = []
+    for lead in leads:
+        person = by_id.get(lead["crm_person_id"])
+        if person is not None and person.deleted_at is not None and not options.restore_deleted:
+            pushed.suppressed.append(lead["lead_id"])  # the trash is checked by id for every lead
+        else:
+            todo.append((lead, person))
 
-    if with_email and not options.restore_deleted:
-        trashed = trash if trash is not None else await _trashed_emails(twenty, [lead["email"] for lead in with_email])
-        pushed.suppressed += [lead["lead_id"] for lead in with_email if lead["email"] in trashed]
-        with_email = [lead for lead in with_email if lead["email"] not in trashed]
+    unseen = [lead for lead, person in todo if person is None and lead["email"]]
+    if unseen and not options.restore_deleted:
+        trashed = trash if trash is not None else await _trashed_emails(twenty, [lead["email"] for lead in unseen])
+        gone = {lead["lead_id"] for lead in unseen if lead["email"] in trashed}
+        pushed.suppressed += sorted(gone)
+        todo = [(lead, person) for lead, person in todo if lead["lead_id"] not in gone]
 
-    for start in range(0, len(with_email), options.batch_size):
-        chunk = with_email[start : start + options.batch_size]
-        try:
-            people = await twenty.upsert_people([person_input(lead, options.field_map) for lead in chunk])
-        except TwentyRejected as exc:
-            if len(chunk) == 1:
-                pushed.rejected[chunk[0]["lead_id"]] = str(exc)
+    bodies: list[tuple[Mapping[str, Any], PersonInput]] = []
+    for lead, person in todo:
+        if person is None and not lead["email"]:
+            try:
+                person = await _match_by_phone(lead, twenty, options, pushed)
+            except TwentyRejected as exc:
+                pushed.rejected[lead["lead_id"]] = str(exc)
                 continue
-            for lead in chunk:
-                await _push_one(lead, twenty, options, pushed)
-            continue
-        pushed.people += people
-        by_email = {person.email: person.id for person in people if person.email}
-        for lead in chunk:
-            person_id = by_email.get(lead["email"])
-            if person_id is None:
-                pushed.rejected[lead["lead_id"]] = "Twenty's answer did not include this email"
-            else:
-                pushed.synced[lead["lead_id"]] = person_id
+            if lead["lead_id"] in pushed.suppressed:
+                continue
+            if person is not None:
+                lead = {**lead, "crm_person_id": person.id}
+        body = person_input(lead, options.field_map, person)
+        if set(body.body()) <= {"id"}:  # nothing new for Twenty: the lead is in sync as it is
+            _done(pushed, lead, lead["crm_person_id"], options, person)
+        else:
+            bodies.append((lead, body))
 
-    for lead in phone_only:
-        await _push_one(lead, twenty, options, pushed)
+    for start in range(0, len(bodies), options.batch_size):
+        await _push_batch(bodies[start : start + options.batch_size], twenty, options, pushed)
     return pushed
+
+
+def _done(pushed: Pushed, lead: Mapping[str, Any], person_id: str, options: SyncOptions, person: Person | None) -> None:
+    pushed.synced[lead["lead_id"]] = person_id
+    pushed.versions[lead["lead_id"]] = lead["version"]
+    pushed.values[lead["lead_id"]] = survivorship.lead_values(lead, options.field_map)
+    if person is not None:
+        pushed.people.append(person)
+
+
+async def _match_by_phone(
+    lead: Mapping[str, Any], twenty: TwentyClient, options: SyncOptions, pushed: Pushed
+) -> Person | None:
+    """A phone-only lead whose Person is not (yet) in Twenty under its id: a Person with its phone, made
+    outside reactor, is the one to update. Twenty cannot upsert on a phone, hence the look-up."""
+    existing = await twenty.find_person_by_phone(lead["phone"], include_deleted=True)
+    if existing is not None and existing.deleted_at is not None and not options.restore_deleted:
+        pushed.suppressed.append(lead["lead_id"])
+        return None
+    return existing
+
+
+async def _push_batch(
+    chunk: Sequence[tuple[Mapping[str, Any], PersonInput]], twenty: TwentyClient, options: SyncOptions, pushed: Pushed
+) -> None:
+    try:
+        people = await twenty.upsert_people([body for _, body in chunk])
+    except TwentyRejected as exc:
+        if len(chunk) == 1:
+            pushed.rejected[chunk[0][0]["lead_id"]] = str(exc)
+            return
+        for one in chunk:  # one bad record fails the whole batch: find it
+            await _push_batch([one], twenty, options, pushed)
+        return
+    by_id = {person.id: person for person in people}
+    by_email = {person.email: person for person in people if person.email}
+    for lead, body in chunk:
+        person = by_id.get(body.id or "") or (by_email.get(lead["email"]) if lead["email"] else None)
+        if person is None:
+            pushed.rejected[lead["lead_id"]] = "Twenty's answer did not include this Person"
+        else:
+            _done(pushed, lead, person.id, options, person)
 
 
 async def _trashed_emails(twenty: TwentyClient, emails: list[str]) -> set[str]:
@@ -144,29 +236,12 @@ async def _trashed_emails(twenty: TwentyClient, emails: list[str]) -> set[str]:
     return trashed
 
 
-async def _push_one(lead: Mapping[str, Any], twenty: TwentyClient, options: SyncOptions, pushed: Pushed) -> None:
-    try:
-        if not lead["email"] and not lead["crm_person_id"]:
-            existing = await twenty.find_person_by_phone(lead["phone"], include_deleted=True)
-            if existing is not None and existing.deleted_at is not None and not options.restore_deleted:
-                pushed.suppressed.append(lead["lead_id"])
-                return
-            if existing is not None:
-                pushed.synced[lead["lead_id"]] = existing.id
-                pushed.people.append(existing)
-                return
-        person = await twenty.upsert_person(person_input(lead, options.field_map))
-    except TwentyRejected as exc:
-        pushed.rejected[lead["lead_id"]] = str(exc)
-        return
-    pushed.synced[lead["lead_id"]] = person.id
-    pushed.people.append(person)
-
-
 async def record(db: asyncpg.Pool, pushed: Pushed) -> None:
+    """Record a push. A lead is marked synced only at the version this push sent: one a submission changed
+    meanwhile stays pending, so the next push sends the change (it was lost before)."""
     async with db.acquire() as conn, conn.transaction():
         if pushed.synced:
-            await store.mark_synced(conn, pushed.synced)
+            await store.mark_synced(conn, pushed.synced, versions=pushed.versions, values=pushed.values)
         if pushed.suppressed:
             await store.mark_suppressed(conn, pushed.suppressed, "the Person is in Twenty's trash")
         if pushed.rejected:
@@ -187,7 +262,7 @@ async def sync_lead(db: asyncpg.Pool, twenty: TwentyClient, lead_id: str, option
     """Sync one lead. None when there is nothing to do (synced, suppressed, unknown, or leased elsewhere).
     Idempotent. Raises TwentyUnavailable (the job retries) after recording the attempt on the lead."""
     async with db.acquire() as conn:
-        lead = await store.claim_lead(conn, lead_id, lease_s=options.lease_s)
+        lead = await store.claim_lead(conn, lead_id, lease_s=options.lease_for(1))
     if lead is None:
         return None
     try:
@@ -226,7 +301,8 @@ async def sync_backlog(
             return result
     while max_leads is None or done < max_leads:
         async with db.acquire() as conn:
-            leads = [dict(row) for row in await store.claim_unsynced(conn, limit=chunk, lease_s=options.lease_s)]
+            claimed = await store.claim_unsynced(conn, limit=chunk, lease_s=options.lease_for(chunk))
+        leads = [dict(row) for row in claimed]
         if not leads:
             break
         try:

@@ -103,6 +103,8 @@ class Phones(TwentyModel):
 
 
 class Person(TwentyModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")  # custom fields kept
+
     id: str
     name: FullName | None = None
     emails: Emails | None = None
@@ -163,8 +165,8 @@ class PersonInput(BaseModel):
     """What reactor writes to a Person. `phone` is E.164 (intake normalised it)."""
 
     id: str | None = None  # the Person this lead already became: the upsert then matches it by id
-    first_name: str = ""
-    last_name: str = ""
+    first_name: str | None = None  # the name is sent when either part is set (the other one then blank)
+    last_name: str | None = None
     email: str | None = None
     phone: str | None = None
     job_title: str | None = None
@@ -172,7 +174,9 @@ class PersonInput(BaseModel):
     custom_fields: dict[str, Any] = Field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": {"firstName": self.first_name, "lastName": self.last_name}}
+        body: dict[str, Any] = {}
+        if self.first_name is not None or self.last_name is not None:
+            body["name"] = {"firstName": self.first_name or "", "lastName": self.last_name or ""}
         if self.id:
             body["id"] = self.id
         if self.email:
@@ -426,6 +430,14 @@ class TwentyClient:
             if not info.get("hasNextPage") or not info.get("endCursor"):
                 return emails
             query["starting_after"] = info["endCursor"]
+
+    async def find_people_by_ids(self, ids: Sequence[str]) -> list[Person]:
+        """The People with these ids, trashed ones included (one call per 100 ids)."""
+        found: list[Person] = []
+        for start in range(0, len(ids), 100):
+            predicate = f"id[in]:{one_of(ids[start : start + 100])}"
+            found += [p async for p in self.list_people(_with_trash(predicate, True))]
+        return found
 
     async def find_deleted_emails(self, emails: Sequence[str]) -> set[str]:
         """Which of these emails belong to a Person in Twenty's trash (an upsert would revive them)."""

@@ -221,7 +221,7 @@ class FakeTwenty:
         if match is None:
             match = {"id": record.get("id") or str(uuid.uuid4())}
             self.people[match["id"]] = match
-        match.update(record)
+        match.update({k: v for k, v in record.items() if k != "id"} if "emails" in match else record)
         if phones := record.get("phones"):
             match["phones"] = _stored_phones(phones)
         match["deletedAt"] = None  # Twenty's upsert revives a trashed match

@@ -97,3 +97,39 @@ def test_lead_data_cannot_break_out_of_its_fence() -> None:
 
 def test_a_wrapping_code_fence_is_removed() -> None:
     assert sanitize("```markdown\n## Hi\n- [ ] a\n```") == "## Hi\n- [ ] a"
+
+
+HOSTILE = "![](https://attacker.example/pixel.png?who=rep) [Verify your Twenty login](https://attacker.example/l)"
+
+
+def _renders_link_or_image(markdown: str) -> bool:
+    """True when `markdown` holds an unescaped image or inline link (what a renderer would turn into one)."""
+    import re
+
+    return re.search(r"(?<!\\)!?(?<!\\)\[[^\]]*(?<!\\)\]\(", markdown) is not None
+
+
+def test_lead_fields_are_escaped_as_markdown_text_in_the_template() -> None:
+    from reactor.copywriter import template
+
+    body = template(FollowUpContext(full_name=HOSTILE, job_title=HOSTILE, city="*bold* <b>x</b>"))
+    assert not _renders_link_or_image(body)
+    assert "\\!\\[\\]\\(https://attacker\\.example" in body  # shown as typed, not rendered
+    assert "\\*bold\\*" in body
+    assert "<b>" not in body
+
+
+def test_lead_fields_are_escaped_in_what_goes_to_the_llm() -> None:
+    text = prompt(FollowUpContext(full_name=HOSTILE, job_title=HOSTILE))
+    assert not _renders_link_or_image(text)
+
+
+def test_links_and_images_are_stripped_from_the_llm_answer() -> None:
+    answer = ("## Call Ada\n\n![](https://attacker.example/pixel.png?who=rep)\n"
+              "Please [Verify your Twenty login](https://attacker.example/l) first, or see <https://evil.example>"
+              " and https://evil.example/x.\n[ref]: https://evil.example/r\n- [ ] Call within the hour")  # fmt: skip
+    clean = sanitize(answer)
+    assert "attacker.example" not in clean
+    assert "evil.example" not in clean
+    assert "Verify your Twenty login" in clean  # the text stays, the target goes
+    assert "- [ ] Call within the hour" in clean

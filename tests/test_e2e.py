@@ -263,3 +263,27 @@ async def test_faults_then_reconcile_leave_the_same_invariants(stack: Stack, db:
     distinct = len({lead["email"] for lead in leads_with_repeats(40, 10, seed=2)})
     # Loads within 1 even so: reservations are follow-up rows in PostgreSQL, which the Redis restart does not touch.
     await assert_invariants(stack, db, lead_ids, distinct)
+
+
+async def test_a_worker_killed_mid_round_has_its_work_done_within_a_minute(stack: Stack, db: asyncpg.Pool) -> None:
+    stack.stop("worker")
+    stack.env["SYNC_LEASE_S"] = "30"  # the default: what a killed worker's leases last
+    stack.start_worker()
+    async with httpx.AsyncClient(timeout=5) as http:
+        await http.patch(f"{stack.sim_url}/sim/knobs", json={"latency_s": 1.0})  # every round takes seconds
+        lead_ids = await post_all(stack, leads_with_repeats(20, 0, seed=3))
+
+        async def mid_round() -> bool:
+            leased = await db.fetchval("SELECT count(*) FROM leads WHERE sync_claimed_until > now()")
+            claimed = await db.fetchval("SELECT count(*) FROM follow_ups WHERE claimed_until > now()")
+            return bool(leased or claimed)
+
+        await until(mid_round, stack, timeout_s=30, db=db)
+        stack.stop("worker", signal.SIGKILL)
+        killed_at = asyncio.get_running_loop().time()
+        await http.patch(f"{stack.sim_url}/sim/knobs", json={"latency_s": 0.0})
+        stack.start_worker()
+    await until(lambda: settled(stack, db, lead_ids), stack, timeout_s=60, db=db)
+    assert asyncio.get_running_loop().time() - killed_at < 60
+    await until(lambda: cache_matches_truth(stack), stack, timeout_s=30)
+    await assert_invariants(stack, db, lead_ids, 20)

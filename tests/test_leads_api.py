@@ -30,14 +30,20 @@ async def test_new_lead_is_created_with_normalised_identity(client: httpx.AsyncC
 async def test_source_lead_id_is_kept_and_a_retry_gets_the_same_answer(client: httpx.AsyncClient) -> None:
     first = await client.post("/leads", json={**ADA, "lead_id": "form-77"})
     retry = await client.post("/leads", json={**ADA, "lead_id": "form-77"})
-    assert (first.status_code, first.json()) == (201, {"status": "created", "lead_id": "form-77"})
-    assert (retry.status_code, retry.json()) == (200, {"status": "existing", "lead_id": "form-77"})
+    lead_id = first.json()["lead_id"]
+    assert lead_id.startswith("ld_")  # reactor's own id; the source's is kept beside it
+    assert (first.status_code, first.json()) == (201, {"status": "created", "lead_id": lead_id,
+                                                       "source_lead_id": "form-77"})  # fmt: skip
+    assert (retry.status_code, retry.json()) == (200, {"status": "existing", "lead_id": lead_id,
+                                                       "source_lead_id": "form-77"})  # fmt: skip
+    by_source_id = (await client.get("/leads/form-77")).json()
+    assert (by_source_id["lead_id"], by_source_id["source_lead_id"]) == (lead_id, "form-77")
 
 
 async def test_lead_id_matches_when_email_and_phone_do_not(client: httpx.AsyncClient) -> None:
-    await client.post("/leads", json={"lead_id": "ads-1", "email": "one@example.com"})
+    first = await client.post("/leads", json={"lead_id": "ads-1", "email": "one@example.com"})
     again = await client.post("/leads", json={"lead_id": "ads-1", "email": "typo@example.com"})
-    assert again.json() == {"status": "existing", "lead_id": "ads-1"}
+    assert again.json() == {"status": "existing", "lead_id": first.json()["lead_id"], "source_lead_id": "ads-1"}
 
 
 async def test_dedupe_order_is_email_then_phone(client: httpx.AsyncClient) -> None:
@@ -45,9 +51,9 @@ async def test_dedupe_order_is_email_then_phone(client: httpx.AsyncClient) -> No
     by_phone = (await client.post("/leads", json={"phone": "+12125550123"})).json()["lead_id"]
     # Matches one lead by email and the other by phone: email wins.
     both = await client.post("/leads", json={"email": "E@example.com", "phone": "+1 212 555 0123"})
-    assert both.json() == {"status": "existing", "lead_id": by_email}
+    assert both.json() == {"status": "existing", "lead_id": by_email, "source_lead_id": None}
     phone_only = await client.post("/leads", json={"phone": "212-555-0123"})
-    assert phone_only.json() == {"status": "existing", "lead_id": by_phone}
+    assert phone_only.json() == {"status": "existing", "lead_id": by_phone, "source_lead_id": None}
     # The email lead could not take a phone another lead holds.
     assert (await client.get(f"/leads/{by_email}")).json()["phone"] is None
 

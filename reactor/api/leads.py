@@ -1,4 +1,6 @@
-"""Lead routes: POST /leads, GET /leads, GET /leads/search, GET /leads/{lead_id}. All need a source's API key."""
+"""Lead routes: POST /leads, GET /leads, GET /leads/search, GET /leads/{lead_id}. All need a source's API key.
+
+GET /leads/{lead_id} takes reactor's id or the calling source's own id for the lead."""
 
 from __future__ import annotations
 
@@ -6,14 +8,14 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from reactor import intake, metrics
 from reactor.api.auth import authenticate
 from reactor.api.inputs import int_param, read_json, text_param
 from reactor.errors import InvalidInput, LeadNotFound, ReactorError
-from reactor.models import LeadAccepted, LeadIn, LeadList, LeadPage
+from reactor.models import LeadIn, LeadList, LeadPage
 from reactor.normalize import normalize_email, normalize_phone
 from reactor.resources import Resources
 
@@ -26,11 +28,13 @@ def _resources(request: Request) -> Resources:
     return resources
 
 
-def _json(model: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(model.model_dump(mode="json"), status_code=status)
+def _json(model: Any, status: int = 200) -> Response:
+    # Serialised straight from the model by pydantic-core: no second validation, no dict in between.
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
 
 
-async def create_lead(request: Request) -> JSONResponse:
+async def create_lead(request: Request) -> Response:
+    """POST /leads. The stored lead is pending: the drain pushes it (no job is enqueued)."""
     res = _resources(request)
     api_source = authenticate(request, res.settings.lead_api_keys)
     try:
@@ -47,21 +51,24 @@ async def create_lead(request: Request) -> JSONResponse:
     result = await intake.submit(res.db, lead, api_source=api_source, payload=payload)
     status = "created" if result.created else "existing"
     metrics.LEADS.labels(status, api_source).inc()
-    return _json(LeadAccepted(status=status, lead_id=result.lead_id), 201 if result.created else 200)
+    answer = {"status": status, "lead_id": result.lead_id, "source_lead_id": lead.lead_id}  # LeadAccepted
+    return JSONResponse(answer, 201 if result.created else 200)
 
 
-async def list_leads(request: Request) -> JSONResponse:
+async def list_leads(request: Request) -> Response:
     res = _resources(request)
     authenticate(request, res.settings.lead_api_keys)
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
+    cursor = text_param(request, "cursor")
     try:
-        leads, next_cursor = await intake.page(res.db, limit=limit, cursor=text_param(request, "cursor"))
+        before = intake.decode_cursor(cursor) if cursor else None
     except ValueError as exc:
         raise InvalidInput.field("cursor", str(exc)) from None
+    leads, next_cursor = await intake.page(res.db, limit=limit, before=before)
     return _json(LeadPage(leads=leads, next_cursor=next_cursor))
 
 
-async def search_leads(request: Request) -> JSONResponse:
+async def search_leads(request: Request) -> Response:
     res = _resources(request)
     authenticate(request, res.settings.lead_api_keys)
     email, phone, name = (text_param(request, key) for key in ("email", "phone", "name"))
@@ -83,11 +90,11 @@ async def search_leads(request: Request) -> JSONResponse:
     return _json(LeadList(leads=leads))
 
 
-async def get_lead(request: Request) -> JSONResponse:
+async def get_lead(request: Request) -> Response:
     res = _resources(request)
-    authenticate(request, res.settings.lead_api_keys)
+    api_source = authenticate(request, res.settings.lead_api_keys)
     lead_id = request.path_params["lead_id"]
-    lead = await intake.get(res.db, lead_id)
+    lead = await intake.get(res.db, lead_id, api_source=api_source)
     if lead is None:
         raise LeadNotFound(f"no lead with id {lead_id!r}")
     return _json(lead)
