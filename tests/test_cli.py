@@ -25,6 +25,18 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.anyio
 
 
+async def _stopped(process: subprocess.Popen[bytes], timeout_s: float, log: Path) -> int:
+    """The process's status once it has stopped by itself within the deadline; else it and its children are killed
+    (a process left running would work on the next tests' rows) and the test fails with its log."""
+    try:
+        return await anyio.to_thread.run_sync(lambda: process.wait(timeout=timeout_s))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        await anyio.to_thread.run_sync(process.wait)
+        tail = (await anyio.Path(log).read_text())[-3000:]
+        raise AssertionError(f"still running {timeout_s:.0f} s after the signal:\n{tail}") from None
+
+
 def _env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
     # The Procfile names `reactor`, found on PATH as in an activated virtualenv.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -81,8 +93,8 @@ async def test_procfile_web_line_binds_port_and_stops_on_sigterm(
             os.killpg(web.pid, signal.SIGTERM)
         # uvicorn re-raises the SIGTERM it handled once it has shut down, so the status is -15 either way:
         # the log tells a graceful stop (lifespan shutdown ran, pools closed) from a kill.
-        await anyio.to_thread.run_sync(lambda: web.wait(timeout=30))
         log.close()
+        await _stopped(web, 30, tmp_path / "web.log")
     output = (tmp_path / "web.log").read_text()
     assert "Application shutdown complete" in output, output
 
@@ -112,7 +124,7 @@ async def test_the_procfile_worker_stops_cleanly_on_sigterm(database_url: str, r
                     await anyio.sleep(0.2)
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
-            status = await anyio.to_thread.run_sync(lambda: worker.wait(timeout=30))
+            status = await _stopped(worker, 30, log_path)
     output = log_path.read_text()
     assert status == 0, output
     assert "shutdown on SIGTERM" in output
@@ -306,7 +318,7 @@ async def test_reactor_dev_runs_the_pipeline_and_stops_everything(
                     assert done.stdout.strip().endswith(b"no drift")
         finally:
             dev.send_signal(signal.SIGINT)  # Ctrl-C
-            await anyio.to_thread.run_sync(lambda: dev.wait(timeout=60))
+            await _stopped(dev, 60, log_path)
     output = log_path.read_text()
     assert "followup.created" in output
     assert "✓ webhook secret: matches TWENTY_WEBHOOK_SECRET" in output  # reactor doctor ran at start-up
@@ -344,7 +356,7 @@ async def test_reactor_dev_reset_empties_the_state_it_would_keep_with_a_real_twe
                     await anyio.sleep(0.2)
         finally:
             dev.send_signal(signal.SIGINT)
-            await anyio.to_thread.run_sync(lambda: dev.wait(timeout=60))
+            await _stopped(dev, 60, log_path)
     output = log_path.read_text()
     assert "starting clean (--reset)" in output
     assert await db.fetchval("SELECT count(*) FROM leads") == 0
@@ -479,4 +491,9 @@ def test_env_example_works_when_copied(tmp_path: Path, monkeypatch: pytest.Monke
     aliases = {str(f.validation_alias) for f in Settings.model_fields.values()}
     assert set(named) == aliases
     (tmp_path / "all.env").write_text("\n".join(f"{k}={v}" for k, v in named.items()))
-    load_settings(tmp_path / "all.env")
+    shown = load_settings(tmp_path / "all.env")
+    # ... and each value shown is the default, but for the examples of what has none.
+    defaults = load_settings(None, LEAD_API_KEYS="x:y")
+    differ = {str(f.validation_alias) for name, f in Settings.model_fields.items()
+              if getattr(shown, name) != getattr(defaults, name)}  # fmt: skip
+    assert differ <= {"DATABASE_URL", "LEAD_API_KEYS", "TWENTY_REST_URL", "TWENTY_REST_TOKEN", "TWENTY_WEBHOOK_SECRET"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -50,15 +51,20 @@ def test_embedded_redis_starts_when_nothing_else_answers(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
-async def test_embedded_postgres_starts_when_nothing_else_answers(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_embedded_postgres_starts_when_nothing_else_answers(caplog: pytest.LogCaptureFixture) -> None:
+    # Not under pytest's tmp_path: as root, pgserver runs PostgreSQL as the user `pgserver`, which must traverse
+    # the folders above its data, and every pytest session that starts (a second suite beside this one) resets
+    # /tmp/pytest-of-root to mode 0700.
+    data_dir = Path(tempfile.mkdtemp(prefix="reactor-test-pg-"))
     caplog.set_level(logging.INFO)
-    with devstack.postgres({}, tmp_path, local_port=devstack.free_port()) as pg:
-        assert pg.origin.startswith("embedded pgserver")
-        conn = await asyncpg.connect(pg.url)
-        assert await conn.fetchval("SELECT 40 + 2") == 42
-        await conn.close()
+    try:
+        with devstack.postgres({}, data_dir, local_port=devstack.free_port()) as pg:
+            assert pg.origin.startswith("embedded pgserver")
+            conn = await asyncpg.connect(pg.url)
+            assert await conn.fetchval("SELECT 40 + 2") == 42
+            await conn.close()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
     # initdb's and pg_ctl's output (about 45 lines) is pgserver's INFO: not shown to a newcomer.
     assert [r.message for r in caplog.records if r.name == "pgserver" and r.levelno < logging.WARNING] == []
 

@@ -168,6 +168,24 @@ def test_every_setting_is_documented() -> None:
     assert missing == [], f"docs/configuration.md lacks {missing}"
 
 
+def test_the_documented_defaults_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reactor.settings import Settings, load_settings
+
+    for field in Settings.model_fields.values():  # the defaults themselves, whatever this shell has set
+        monkeypatch.delenv(str(field.validation_alias), raising=False)
+
+    rows = re.findall(
+        r"^\| `([A-Z][A-Z0-9_]*)` \| `([^`]*)` \|", (ROOT / "docs" / "configuration.md").read_text(), re.M
+    )
+    assert len(rows) >= 25
+    defaults = load_settings(None, LEAD_API_KEYS="x:y")
+    aliases = {str(f.validation_alias): name for name, f in Settings.model_fields.items()}
+    stale = [(var, shown) for var, shown in rows
+             if getattr(load_settings(None, LEAD_API_KEYS="x:y", **{var: shown}), aliases[var])
+             != getattr(defaults, aliases[var])]  # fmt: skip
+    assert stale == [], f"docs/configuration.md shows defaults that are not: {stale}"
+
+
 def test_the_log_events_the_docs_show_exist() -> None:
     docs = README.read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
     shown = set(re.findall(r"`((?:assign|followup|sync|webhook|reconcile|migrate)\.[a-z_]+) ", docs))
