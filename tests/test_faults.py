@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reactor import outages
+from reactor import outages, supervisor
 from reactor.app import Limits, create_app
 from reactor.devstack import free_port
 from reactor.loadcache import LoadCache
@@ -518,3 +519,24 @@ async def test_a_worker_with_a_database_that_does_not_exist_exits_2(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+async def test_a_stop_that_the_worker_swallowed_is_insisted_on() -> None:
+    """arq's stop is one cancel; one that lands in an HTTP connect during startup came out as a handled error and
+    the worker ran on after SIGTERM (seen in test_the_procfile_worker_stops_cleanly_on_sigterm on a busy machine)."""
+    swallowed = asyncio.Event()
+
+    async def main() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # what the connect turned into an error, and the hook handled
+            swallowed.set()
+        await asyncio.Event().wait()  # polling on, as arq's main loop does
+
+    worker = types.SimpleNamespace(main_task=asyncio.create_task(main()), tasks={}, _job_completion_wait=20)
+    await asyncio.sleep(0)
+    worker.main_task.cancel()  # arq's one cancel
+    with anyio.fail_after(10):
+        await swallowed.wait()
+        await supervisor._insist_on_stopping(worker)  # type: ignore[arg-type]
+    assert worker.main_task.cancelled()
