@@ -43,12 +43,16 @@ async def supervise(
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     current: list[Worker] = []
+    insisting: set[asyncio.Task[None]] = set()
 
     def on_signal(signum: signal.Signals) -> None:
         log.info("worker.stopping signal=%s", signum.name)
         stopping.set()
         if current:  # arq's graceful stop: no new jobs, JOB_COMPLETION_WAIT_S for those in flight, then cancel
             current[0].handle_sig_wait_for_completion(signum)
+            task = loop.create_task(_insist_on_stopping(current[0]))
+            insisting.add(task)
+            task.add_done_callback(insisting.discard)
 
     def own_signals() -> None:  # arq's Worker() installs its own handlers; ours replace them
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -118,6 +122,19 @@ async def _run_once(
         finally:
             current.clear()
     return 0  # async_run returned by itself (burst mode only)
+
+
+async def _insist_on_stopping(worker: Worker) -> None:
+    """arq stops a worker by cancelling its main task once the jobs in flight are done. A cancel that lands while
+    the startup hook awaits an HTTP connect can come out as a connection error, which the hook handles, and the
+    worker ran on. So: cancel it again, every half second, once no job is left (or the graceful wait is over)."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + float(getattr(worker, "_job_completion_wait", 0) or 0) + 5
+    main = worker.main_task
+    while main is not None and not main.done():
+        await asyncio.sleep(0.5)
+        if all(task.done() for task in worker.tasks.values()) or loop.time() > give_up_at:
+            main.cancel()
 
 
 async def _close(worker: Worker) -> None:

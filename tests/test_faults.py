@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reactor import outages
+from reactor import outages, supervisor
 from reactor.app import Limits, create_app
 from reactor.devstack import free_port
 from reactor.loadcache import LoadCache
@@ -40,7 +44,7 @@ from reactor.server import SERVER_LIMITS, H11WithHeadDeadline
 from reactor.settings import Settings
 from reactor.webhooks import signature
 from tests import test_e2e, test_hygiene
-from tests.conftest import API_KEYS
+from tests.conftest import API_KEYS, ROOT
 from tests.test_e2e import API_KEY, Stack, all_synced, post_all, until
 from tests.test_hygiene import Lines
 
@@ -368,7 +372,7 @@ async def limited(settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIt
         await hung.wait()  # never set: a handler stuck on something
         raise AssertionError
 
-    app = create_app(settings, Limits(body_timeout_s=0.5, request_timeout_s=1.0))
+    app = create_app(settings, Limits(body_timeout_s=0.5, request_timeout_s=3.0))  # 3 s: a busy machine
     app.router.routes.append(Route("/hangs", hangs))
     async with served(app, http=QuickHead, timeout_keep_alive=1) as port:
         yield port
@@ -469,3 +473,72 @@ async def test_the_worker_outlives_a_redis_restart(stack: Stack, db: asyncpg.Poo
     await until(lambda: all_synced(db, second), stack, db=db)
     assert worker.poll() is None, "the same worker process synced it"
     assert stack.processes["worker"] is worker
+
+
+async def worker_process(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    full = {**os.environ, "LEAD_API_KEYS": f"e2e:{API_KEY}", "TWENTY_REST_URL": f"http://127.0.0.1:{free_port()}/rest",
+            "TWENTY_REST_TOKEN": "t", "LOG_LEVEL": "INFO", **env}  # fmt: skip
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "reactor", "worker"], env=full, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+
+async def exited(process: subprocess.Popen[bytes]) -> bool:
+    return process.poll() is not None
+
+
+async def test_a_worker_waiting_for_redis_stops_on_sigterm(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    worker = await worker_process({"DATABASE_URL": database_url, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+                                  log)  # fmt: skip
+    try:
+
+        async def waiting() -> bool:
+            assert worker.poll() is None, await anyio.Path(log).read_text()
+            return "worker.restart_in" in await anyio.Path(log).read_text()
+
+        await eventually(waiting, 30)  # Redis was never there: it waits, it does not exit
+        worker.send_signal(signal.SIGTERM)
+        await eventually(lambda: exited(worker), 15)
+        assert worker.returncode == 0, await anyio.Path(log).read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+async def test_a_worker_with_a_database_that_does_not_exist_exits_2(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    missing = urlunsplit(urlsplit(database_url)._replace(path="/reactor_no_such_db"))
+    worker = await worker_process({"DATABASE_URL": missing, "REDIS_URL": redis_url}, log)
+    try:
+        await eventually(lambda: exited(worker), 30)
+        assert worker.returncode == 2, await anyio.Path(log).read_text()
+        assert "invalid configuration" in await anyio.Path(log).read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+async def test_a_stop_that_the_worker_swallowed_is_insisted_on() -> None:
+    """arq's stop is one cancel; one that lands in an HTTP connect during startup came out as a handled error and
+    the worker ran on after SIGTERM (seen in test_the_procfile_worker_stops_cleanly_on_sigterm on a busy machine)."""
+    swallowed = asyncio.Event()
+
+    async def main() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # what the connect turned into an error, and the hook handled
+            swallowed.set()
+        await asyncio.Event().wait()  # polling on, as arq's main loop does
+
+    worker = types.SimpleNamespace(main_task=asyncio.create_task(main()), tasks={}, _job_completion_wait=20)
+    await asyncio.sleep(0)
+    worker.main_task.cancel()  # arq's one cancel
+    with anyio.fail_after(10):
+        await swallowed.wait()
+        await supervisor._insist_on_stopping(worker)  # type: ignore[arg-type]
+    assert worker.main_task.cancelled()
