@@ -61,7 +61,7 @@ if reserved_at >= 0 and reserved_at >= cut then
   return {0, now, tostring(rate)}
 end
 local tolerance = 0
-if now - cut >= quiet then tolerance = (burst - 1) / rate end
+if state[3] == false or now - cut >= quiet then tolerance = (burst - 1) / rate end
 local slot = math.max(tat - tolerance, now)
 local wait = slot - now
 if wait > max_wait then

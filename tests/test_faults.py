@@ -542,3 +542,64 @@ async def test_a_stop_that_the_worker_swallowed_is_insisted_on() -> None:
         await swallowed.wait()
         await supervisor._insist_on_stopping(worker)  # type: ignore[arg-type]
     assert worker.main_task.cancelled()
+
+
+async def test_the_drain_outlives_a_postgres_outage_and_loses_nothing(
+    settings: Settings, database_url: str, redis_url: str, db: asyncpg.Pool, redis: Redis
+) -> None:
+    """Work that met a PostgreSQL outage is not lost: the rows wait, and the loop pauses and carries on."""
+    import respx
+
+    from reactor import drain
+    from reactor.resources import open_resources
+    from tests.fake_twenty import BASE_URL, FakeTwenty
+
+    proxy = TcpProxy(*target_of(database_url))
+    await proxy.restore()
+    configured = settings.model_copy(update={
+        "database_url": through(database_url, proxy), "twenty_rest_url": BASE_URL,
+        "twenty_rest_token": SecretStr("tok"), "twenty_max_attempts": 1, "twenty_rate_limit": 100_000})  # fmt: skip
+    twenty = FakeTwenty()
+    twenty.add_member("m1", "ann@acme.test")
+    await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('pg1', 'pg1@example.com', 't')")
+    with respx.mock(assert_all_called=False) as router:
+        twenty.install(router)
+        async with open_resources(configured) as res:
+            await proxy.cut()  # PostgreSQL is away when the loop starts
+            loop = asyncio.create_task(drain.run_forever(res))
+            try:
+                await asyncio.sleep(0)
+                assert not loop.done()
+                await proxy.restore()
+                with anyio.fail_after(60):
+                    while await db.fetchval("SELECT state FROM follow_ups") != "open":
+                        assert not loop.done(), loop
+                        await asyncio.sleep(0.1)
+            finally:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+                await proxy.cut()
+    assert await db.fetchval("SELECT crm_synced FROM leads WHERE lead_id = 'pg1'") is True
+    assert len(twenty.tasks) == 1
+
+
+async def test_a_long_job_that_meets_an_outage_is_retried(
+    settings: Settings, database_url: str, db: asyncpg.Pool, redis: Redis
+) -> None:
+    from arq import Retry
+
+    from reactor import worker
+    from reactor.resources import open_resources
+
+    proxy = TcpProxy(*target_of(database_url))
+    await proxy.restore()
+    configured = settings.model_copy(update={
+        "database_url": through(database_url, proxy), "twenty_rest_url": "http://twenty.invalid/rest",
+        "twenty_rest_token": SecretStr("tok")})  # fmt: skip
+    async with open_resources(configured) as res:
+        await proxy.cut()
+        with pytest.raises(Retry):
+            await worker.sync_backlog({"resources": res, "job_try": 1, "job_id": "sync_backlog:t"})
+        with pytest.raises(Retry):
+            await worker.auto_assign({"resources": res, "job_try": 1, "job_id": "auto_assign:t"})
