@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import asyncpg
 import httpx
 import pytest
@@ -347,10 +348,13 @@ async def test_a_round_slower_than_its_lease_keeps_its_leads(
     short = twenty_settings.model_copy(update={"sync_lease_s": 0.6})
     async with open_resources(short) as res:
         with respx.mock(assert_all_called=False) as router:
-            router.post(f"{BASE_URL}/batch/people").mock(side_effect=slow)
             twenty.install(router)
+            router.post(f"{BASE_URL}/batch/people").mock(side_effect=slow)  # replaces the fake's own route
             first = asyncio.create_task(drain_loop.sync_leads(res))
-            await entered.wait()
+            with anyio.fail_after(10):
+                while not entered.is_set():  # noqa: ASYNC110 (also fails if the round ended without a call)
+                    assert not first.done(), first.result()
+                    await asyncio.sleep(0.01)
             for _ in range(4):  # well past the lease: still renewed
                 await asyncio.sleep(0.3)
                 async with db.acquire() as conn:
