@@ -352,7 +352,7 @@ async def test_a_round_slower_than_its_lease_keeps_its_leads(
             router.post(f"{BASE_URL}/batch/people").mock(side_effect=slow)  # replaces the fake's own route
             first = asyncio.create_task(drain_loop.sync_leads(res))
             with anyio.fail_after(10):
-                while not entered.is_set():  # noqa: ASYNC110 (also fails if the round ended without a call)
+                while not entered.is_set():  # also fails if the round ended without a call
                     assert not first.done(), first.result()
                     await asyncio.sleep(0.01)
             for _ in range(4):  # well past the lease: still renewed
