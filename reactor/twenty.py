@@ -322,10 +322,13 @@ class TwentyClient:
             response = await self._http.request(method, path, params=params, json=json)
         except httpx.TimeoutException as exc:
             metrics.TWENTY_CALLS.labels(op, "timeout").inc()
-            return TwentyUnavailable(f"Twenty timed out ({type(exc).__name__}) on {method} {path}")
+            return TwentyUnavailable(f"Twenty at {self._where()} timed out ({type(exc).__name__}) on {method} {path}")
         except httpx.TransportError as exc:
             metrics.TWENTY_CALLS.labels(op, "error").inc()
-            return TwentyUnavailable(f"Twenty unreachable ({type(exc).__name__}) on {method} {path}")
+            return TwentyUnavailable(
+                f"Twenty at {self._where()} unreachable ({type(exc).__name__}) on {method} {path}: "
+                "check TWENTY_REST_URL and that the server is up"
+            )
         status = response.status_code
         metrics.TWENTY_CALLS.labels(op, str(status)).inc()
         if limited and (status == 429 or response.headers.get("X-RateLimit-Remaining") == "0"):
@@ -342,6 +345,10 @@ class TwentyClient:
         if status in (401, 403):
             return TwentyAuthError(message, status=status)
         raise TwentyRejected(message, status=status)
+
+    def _where(self) -> str:
+        url = self._http.base_url
+        return f"{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
     def _backoff(self, attempt: int, failure: TwentyUnavailable) -> float:
         ceiling = min(self._backoff_max_s, self._backoff_base_s * 2 ** (attempt - 1))

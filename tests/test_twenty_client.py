@@ -11,6 +11,7 @@ import pytest
 import respx
 
 from reactor import metrics
+from reactor.devstack import free_port
 from reactor.ratelimit import Permit, RateLimitUnavailable
 from reactor.twenty import (
     PersonInput,
@@ -457,3 +458,12 @@ async def test_an_exhausted_rate_budget_is_unavailable_not_a_crash(sleeps: Sleep
     assert route.call_count == 0
     assert metrics.TWENTY_RETRIES.labels("rate_limit_wait")._value.get() == before + 1  # its own reason
     assert metrics.TWENTY_RETRIES.labels("network")._value.get() == network
+
+
+async def test_an_unreachable_twenty_is_named_by_host_and_port() -> None:
+    from reactor.twenty import TwentyUnavailable
+
+    port = free_port()
+    async with create_http_client(f"http://127.0.0.1:{port}/rest", "t") as http:
+        with pytest.raises(TwentyUnavailable, match=rf"Twenty at 127\.0\.0\.1:{port} unreachable \(ConnectError\)"):
+            await TwentyClient(http, max_attempts=1).request("GET", "/people")
