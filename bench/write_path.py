@@ -153,8 +153,14 @@ async def knobs(sim_url: str, **values: Any) -> None:
 
 async def post(web_url: str, leads: list[dict[str, Any]]) -> list[str]:
     limits = httpx.Limits(max_connections=32)
+    gate = asyncio.Semaphore(32)  # at most 32 in flight: a large backlog is posted, not a connection storm
+
+    async def one(http: httpx.AsyncClient, lead: dict[str, Any]) -> httpx.Response:
+        async with gate:
+            return await http.post("/leads", json=lead)
+
     async with httpx.AsyncClient(base_url=web_url, headers={"X-API-Key": KEY}, timeout=60, limits=limits) as http:
-        answers = await asyncio.gather(*(http.post("/leads", json=lead) for lead in leads))
+        answers = await asyncio.gather(*(one(http, lead) for lead in leads))
     assert all(a.status_code in (200, 201) for a in answers), [a.text for a in answers if a.status_code >= 300]
     return [str(a.json()["lead_id"]) for a in answers]
 
