@@ -244,7 +244,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.current
         else Design("this-tree", ROOT, logs=logs)
     )
-    designs = [Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs), current]
+    designs = [current] if args.no_baseline else [
+        Design(f"baseline-{args.baseline}", checkout(args.baseline), logs=logs), current]  # fmt: skip
     report: dict[str, Any] = {"machine": machine(), "twenty_latency_ms": 20, "members": MEMBERS}
     with servers() as (pg, _rd):
         for design in designs:
@@ -259,6 +260,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="7f6dbc9", help="the revision of the design to compare with")
+    parser.add_argument("--no-baseline", action="store_true", help="run only the new design (e.g. at full size)")
     parser.add_argument("--current", help="a revision to run as the new design (default: this working tree)")
     parser.add_argument("--leads", type=int, default=300)
     parser.add_argument("--burst-cap-s", type=float, default=600)
