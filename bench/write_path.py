@@ -157,7 +157,13 @@ async def post(web_url: str, leads: list[dict[str, Any]]) -> list[str]:
 
     async def one(http: httpx.AsyncClient, lead: dict[str, Any]) -> httpx.Response:
         async with gate:
-            return await http.post("/leads", json=lead)
+            for attempt in range(3):  # a kept-alive connection the server closed meanwhile: POST /leads is idempotent
+                try:
+                    return await http.post("/leads", json=lead)
+                except httpx.TransportError:
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
 
     async with httpx.AsyncClient(base_url=web_url, headers={"X-API-Key": KEY}, timeout=60, limits=limits) as http:
         answers = await asyncio.gather(*(one(http, lead) for lead in leads))
@@ -250,6 +256,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with servers() as (pg, _rd):
         for design in designs:
             result = await burst_and_idle(design, pg.url, args.leads, args.burst_cap_s)
+            print(json.dumps({design.name: result}), file=sys.stderr, flush=True)
             if args.backlog:
                 result["backlog"] = await backlog(design, pg.url, args.backlog, args.backlog_cap_s)
             report[design.name] = result
