@@ -6,7 +6,8 @@ database (migrated by its own `reactor migrate`) and its own Redis — against t
 
 1. burst: N leads posted at once (100 calls a minute): seconds until every lead is a Person with one linked,
    assigned follow-up; Twenty calls per lead; 429s; the spread of the loads.
-2. idle: one lead at a time, 20 times: POST -> follow-up linked (p50, p90).
+2. idle: one lead at a time, 10 times, 6 s apart (an idle system: its call budget recovered): POST -> follow-up
+   linked (p50, p90).
 3. backlog: M leads posted while the worker is down, then the worker starts (79 calls a minute, what a real
    self-hosted Twenty accepts): seconds until all are followed up (capped by --backlog-cap-s; then the share done).
 
@@ -202,7 +203,8 @@ def calls(state: dict[str, Any]) -> tuple[int, int]:
     return sum(int(v) for v in by_kind.values()), limited
 
 
-async def burst_and_idle(design: Design, pg_url: str, count: int, cap_s: float) -> dict[str, Any]:
+async def burst_and_idle(design: Design, pg_url: str, count: int, cap_s: float, *, idle_leads: int = 10,
+                         idle_gap_s: float = 6.0) -> dict[str, Any]:  # fmt: skip
     async with stack(design, pg_url, rate_limit=100) as (web, sim, pool):
         design.start("worker", "worker")
         await asyncio.sleep(3)  # the worker reads the members and counts the loads before the burst
@@ -217,7 +219,8 @@ async def burst_and_idle(design: Design, pg_url: str, count: int, cap_s: float) 
                  "twenty_calls": spent - before, "calls_per_lead": round((spent - before) / max(done, 1), 3),
                  "http_429": limited, "open_tasks_by_member": open_per_member}  # fmt: skip
         latencies = []
-        for i in range(20):
+        for i in range(idle_leads):
+            await asyncio.sleep(idle_gap_s)  # idle: the pace has recovered, nothing else is waiting
             [lead_id] = await post(web, leads(f"idle{i}x", 1))
             started = time.perf_counter()
             _elapsed, got = await until(pool, [lead_id], 30, poll_s=0.005)
