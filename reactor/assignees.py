@@ -124,15 +124,7 @@ async def assign(cache: LoadCache, db: asyncpg.Pool, settings: Settings, rows: S
                               "rule": rule_prefix + rule, "candidates": [asdict(c) for c in listed]})  # fmt: skip
         if members and reserve:
             await followup_store.assign(conn, members)
-        for d in decisions:
-            await lead_store.record_decision(
-                conn,
-                person_id=d["person_id"],
-                task_id=d["task_id"],
-                member=d["member"],
-                rule=d["rule"],
-                candidates=d["candidates"],
-            )
+        await lead_store.record_decisions(conn, decisions)  # one pipelined statement, not a round trip a row
     for d in decisions:
         log.info("assign.decided task=%s member=%s rule=%s candidates=%s", d["task_id"], d["member"], d["rule"],
                  json.dumps({c["member"]: c["skipped"] or c["load"] for c in d["candidates"]}))  # fmt: skip

@@ -167,6 +167,12 @@ async def fail(conn: Conn, errors: Mapping[int, str]) -> None:
     )  # fmt: skip
 
 
+async def unfinished(conn: Conn, ids: Sequence[int]) -> list[asyncpg.Record]:
+    """Of these rows, the ones still pending or created (what an interrupted batch has left to do)."""
+    return await conn.fetch("SELECT * FROM follow_ups WHERE id = ANY($1::bigint[]) AND state IN ('pending', 'created')",
+                            list(ids))  # fmt: skip
+
+
 async def back_off(conn: Conn, ids: Sequence[int], *, error: str, delay_s: float) -> None:
     """Twenty could not be asked: count the attempt and keep the rows (and their reservations) for later."""
     await conn.execute(

@@ -104,8 +104,7 @@ async def work(deps: FollowUpDeps, rows: Sequence[asyncpg.Record]) -> Worked:
         await _link(deps, [*linking, *created], done)
     except TwentyUnavailable as exc:
         async with deps.db.acquire() as conn:  # what was recorded stays; the rest is retried later
-            fresh = await conn.fetch("SELECT * FROM follow_ups WHERE id = ANY($1::bigint[]) AND state IN "
-                                     "('pending', 'created')", [r["id"] for r in claimed])  # fmt: skip
+            fresh = await followup_store.unfinished(conn, [r["id"] for r in claimed])
         await _back_off(deps, [dict(r) for r in fresh], exc)
         done.unavailable = exc
     return done

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -348,14 +348,13 @@ async def save_member_availability(
     )  # fmt: skip
 
 
-async def record_decision(
-    conn: Conn, *, person_id: str | None, task_id: str, member: str | None, rule: str, candidates: Any
-) -> None:
-    await conn.execute(
+async def record_decisions(conn: Conn, decisions: Sequence[Mapping[str, Any]]) -> None:
+    """Store a batch of decisions (person_id, task_id, member, rule, candidates) in one pipelined statement."""
+    await conn.executemany(
         """INSERT INTO assignment_decisions (person_id, task_id, chosen_member, rule, candidates)
            VALUES ($1, $2, $3, $4, $5)""",
-        person_id, task_id, member, rule, candidates,
-    )  # fmt: skip
+        [(d["person_id"], d["task_id"], d["member"], d["rule"], d["candidates"]) for d in decisions],
+    )
 
 
 async def decisions(conn: Conn, *, person_id: str | None, limit: int) -> list[asyncpg.Record]:
