@@ -53,6 +53,7 @@ CREATE INDEX IF NOT EXISTS leads_first_name_ci ON leads (lower(first_name));
 CREATE INDEX IF NOT EXISTS leads_last_name_ci ON leads (lower(last_name));
 CREATE INDEX IF NOT EXISTS leads_full_name_ci ON leads (lower(first_name || ' ' || last_name));
 CREATE INDEX IF NOT EXISTS leads_unsynced ON leads (seq) WHERE NOT crm_synced AND NOT suppressed;
+CREATE INDEX IF NOT EXISTS leads_crm_person ON leads (crm_person_id, last_seen_at DESC);
 
 -- Every accepted POST, verbatim: whatever the merge into `leads` could not keep (a second email for a person
 -- already known by phone, say) is still here.
@@ -347,6 +348,7 @@ ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS person jsonb;                  -
 ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS assigned_at timestamptz;
 ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS sla_due_at timestamptz;        -- SLA re-assignment sweep
 ALTER TABLE follow_ups ADD COLUMN IF NOT EXISTS workspace text;                -- the Twenty workspace it belongs to
+CREATE INDEX IF NOT EXISTS follow_ups_person ON follow_ups (person_id, id DESC);
 CREATE INDEX IF NOT EXISTS follow_ups_drainable ON follow_ups (id) WHERE state IN ('pending', 'created');
 CREATE INDEX IF NOT EXISTS follow_ups_active_assignee ON follow_ups (assignee_id)
     WHERE state IN ('pending', 'created', 'open');

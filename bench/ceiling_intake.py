@@ -1,7 +1,7 @@
 """The ceiling `bench/intake.py --ceiling` measures beside reactor: the bare stack reactor is built on, doing the
 least an intake can. Starlette, one asyncpg pool, one `INSERT … ON CONFLICT DO NOTHING` per request; no
 authentication, validation, normalisation, merge or submission record. bench/intake.py serves it the way
-`reactor web` serves (uvicorn with h11 and uvloop, no access log), so the ratio measures reactor's own work.
+`reactor web` serves (uvicorn with httptools and uvloop, no access log), so the ratio measures reactor's own work.
 
     uvicorn bench.ceiling_intake:app   (DATABASE_URL: a database migrated with schema.sql)
 """

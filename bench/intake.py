@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine, percentile, scratch_database, scratch_redis_url, servers  # noqa: E402
 from reactor.devstack import free_port  # noqa: E402
 
-# Served as `reactor web` serves (reactor.server: h11, which bounds a request head; uvloop; no access log), so the
+# Served as `reactor web` serves (reactor.server: httptools; uvloop; no access log), so the
 # ratio measures the app's own work.
-UVICORN_LIKE_REACTOR = ["--http", "h11", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+UVICORN_LIKE_REACTOR = ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
 
 
 def lead(person: int) -> dict[str, object]:

@@ -221,8 +221,8 @@ async def burst_and_idle(design: Design, pg_url: str, count: int, cap_s: float, 
         latencies = []
         for i in range(idle_leads):
             await asyncio.sleep(idle_gap_s)  # idle: the pace has recovered, nothing else is waiting
+            started = time.perf_counter()  # from the lead source's POST to the linked, assigned task
             [lead_id] = await post(web, leads(f"idle{i}x", 1))
-            started = time.perf_counter()
             _elapsed, got = await until(pool, [lead_id], 30, poll_s=0.005)
             if got:
                 latencies.append((time.perf_counter() - started) * 1000)

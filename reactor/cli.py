@@ -37,7 +37,7 @@ def run_web(settings: Settings, host: str, port: int) -> None:
         port=port,
         lifespan="on",
         proxy_headers=True,
-        loop="uvloop",  # the C event loop (the HTTP protocol is SERVER_LIMITS' h11, which bounds a request head)
+        loop="uvloop",  # the C event loop; the HTTP protocol is SERVER_LIMITS' (httptools with bounds on a head)
         access_log=False,  # a log line per request costs more than intake's own work; errors are logged anyway
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers go through reactor's handler (JSON, request ids, masking)

@@ -164,10 +164,12 @@ async def _prepare(deps: FollowUpDeps, rows: Sequence[Mapping[str, Any]]) -> lis
     limit = asyncio.Semaphore(LLM_CONCURRENCY)
     due = dt.datetime.now(dt.UTC) + dt.timedelta(hours=deps.settings.follow_up_due_hours)
 
+    async with deps.db.acquire() as conn:
+        leads = await lead_store.leads_for_people(conn, [row["person_model"].id for row in rows])
+
     async def one(row: Mapping[str, Any]) -> _PreparedTask:
         person: Person = row["person_model"]
-        async with deps.db.acquire() as conn:
-            lead = await lead_store.lead_for_person(conn, person.id)
+        lead = leads.get(person.id)
         context = llm.FollowUpContext(
             full_name=full_name(person), email=person.email,
             phone=person.phones.primary_phone_number if person.phones else None,

@@ -322,11 +322,14 @@ async def take_failed_jobs(conn: Conn, *, job_name: str | None, failed_id: int |
 # -- follow-ups ------------------------------------------------------------------------------------------
 
 
-async def lead_for_person(conn: Conn, person_id: str) -> asyncpg.Record | None:
-    """The newest lead synced as this Person, for the follow-up's context."""
-    return await conn.fetchrow(
-        "SELECT * FROM leads WHERE crm_person_id = $1 ORDER BY last_seen_at DESC LIMIT 1", person_id
+async def leads_for_people(conn: Conn, person_ids: list[str]) -> dict[str, asyncpg.Record]:
+    """The newest lead synced as each of these People, for their follow-ups' context: one statement a batch."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (crm_person_id) * FROM leads WHERE crm_person_id = ANY($1::text[])
+           ORDER BY crm_person_id, last_seen_at DESC""",
+        person_ids,
     )
+    return {row["crm_person_id"]: row for row in rows}
 
 
 # -- routing -----------------------------------------------------------------------------------------------

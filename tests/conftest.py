@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+import redis as sync_redis
 from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
@@ -23,8 +25,12 @@ from reactor.db import create_pool, migrate
 from reactor.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-# Parallel runs on one machine (several developers, or helpers) each take their own Redis database.
-TEST_REDIS_DB = int(os.environ.get("REACTOR_TEST_REDIS_DB", "9"))
+# Parallel runs on one machine (two clones, several developers) each take a Redis database of their own: the first
+# of these not claimed by another run, unless REACTOR_TEST_REDIS_DB names one. 0 is left to `reactor dev`, 15 to
+# the benchmarks.
+TEST_REDIS_DB = os.environ.get("REACTOR_TEST_REDIS_DB")
+TEST_REDIS_DBS = range(9, 15)
+CLAIM_TTL_S = 300  # a run that dies leaves its claim for this long
 API_KEYS = {"webform": "test-key-webform-0001", "adsplatform": "test-key-ads-0002"}
 
 
@@ -68,12 +74,41 @@ async def database_url(servers: tuple[devstack.Backend, devstack.Backend]) -> As
 
 
 @pytest.fixture(scope="session")
-def redis_url(servers: tuple[devstack.Backend, devstack.Backend]) -> str:
+def redis_url(servers: tuple[devstack.Backend, devstack.Backend]) -> Iterator[str]:
+    """The Redis database this run claimed (in database 0, renewed while the run lasts, released at its end)."""
     base = servers[1].url.rstrip("/")
     head, _, tail = base.rpartition("/")
     if tail.isdigit():
         base = head
-    return f"{base}/{TEST_REDIS_DB}"
+    if TEST_REDIS_DB is not None:
+        yield f"{base}/{int(TEST_REDIS_DB)}"
+        return
+    claims = sync_redis.Redis.from_url(f"{base}/0")
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    number = next((n for n in TEST_REDIS_DBS if claims.set(f"reactor:test-run:db:{n}", token, nx=True, ex=CLAIM_TTL_S)
+                   or claims.get(f"reactor:test-run:db:{n}") == token.encode()), None)  # fmt: skip
+    if number is None:
+        pytest.exit(f"every Redis database in {list(TEST_REDIS_DBS)} is claimed by another test run on {base}; "
+                    "wait for one to end, or name one in REACTOR_TEST_REDIS_DB", returncode=2)  # fmt: skip
+    key = f"reactor:test-run:db:{number}"
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(CLAIM_TTL_S / 5):
+            with contextlib.suppress(sync_redis.RedisError):  # a Redis restart (a test does one): claim it again
+                claims.set(key, token, ex=CLAIM_TTL_S)
+
+    renewer = threading.Thread(target=renew, name="redis-claim", daemon=True)
+    renewer.start()
+    try:
+        yield f"{base}/{number}"
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(sync_redis.RedisError):
+            if claims.get(key) == token.encode():
+                claims.delete(key)
+        claims.close()
 
 
 @pytest.fixture

@@ -316,6 +316,27 @@ async def test_a_posted_lead_ends_with_an_assigned_follow_up(
     assert fake.calls["get_person"] == 0
 
 
+async def test_each_follow_up_is_written_from_its_own_leads_details(
+    twenty_settings: Settings, res: Resources, fake: FakeTwenty
+) -> None:
+    route = fake.router.post(f"{OLLAMA}/api/generate").mock(
+        return_value=httpx.Response(200, json={"response": "## Call them\n\n### Next steps\n- [ ] Call"})
+    )
+    employers = {f"Ctxname{i}": f"Employer Number {i}" for i in range(3)}
+    async with app_client(twenty_settings) as api:
+        for name, employer in employers.items():
+            answer = await api.post("/leads", json={"first_name": name, "email": f"{name}@example.com",
+                                                    "employment": {"employer": employer}})  # fmt: skip
+            assert answer.status_code == 201, answer.text
+    await drain.until_idle(with_settings(res, enable_llm_copywriting=True))  # one batch: one look-up of the leads
+    prompts = [json.loads(call.request.content)["prompt"] for call in route.calls]
+    assert len(prompts) == 3
+    for name, employer in employers.items():
+        [prompt] = [p for p in prompts if name in p]
+        assert employer in prompt
+        assert [e for e in employers.values() if e in prompt] == [employer]
+
+
 async def test_auto_assign_covers_everyone_without_an_open_follow_up(
     res: Resources, fake: FakeTwenty, db: asyncpg.Pool
 ) -> None:
