@@ -53,7 +53,7 @@ CREATE INDEX IF NOT EXISTS leads_first_name_ci ON leads (lower(first_name));
 CREATE INDEX IF NOT EXISTS leads_last_name_ci ON leads (lower(last_name));
 CREATE INDEX IF NOT EXISTS leads_full_name_ci ON leads (lower(first_name || ' ' || last_name));
 CREATE INDEX IF NOT EXISTS leads_unsynced ON leads (seq) WHERE NOT crm_synced AND NOT suppressed;
-CREATE INDEX IF NOT EXISTS leads_crm_person ON leads (crm_person_id, last_seen_at DESC);
+CREATE INDEX IF NOT EXISTS leads_crm_person ON leads (crm_person_id) WHERE crm_person_id IS NOT NULL;
 
 -- Every accepted POST, verbatim: whatever the merge into `leads` could not keep (a second email for a person
 -- already known by phone, say) is still here.

@@ -269,7 +269,7 @@ def _profiled(pid: int, duration_s: float, *, enabled: bool) -> Iterator[dict[st
     if not enabled or not Path(spy).exists():
         yield shares
         return
-    out = Path(tempfile.mkstemp(suffix=".txt")[1])
+    out = Path(tempfile.gettempdir()) / f"reactor-intake-profile-{pid}.txt"  # kept: py-spy's raw stacks
     proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(duration_s)), "--rate", "200",
                              "--format", "raw", "--output", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -278,7 +278,7 @@ def _profiled(pid: int, duration_s: float, *, enabled: bool) -> Iterator[dict[st
     finally:
         proc.wait(timeout=duration_s + 30)
         shares.update(_stage_shares(out.read_text() if out.exists() else ""))
-        out.unlink(missing_ok=True)
+        print(f"profile: {out} (py-spy raw: one stack a line, then its samples)", file=sys.stderr)
 
 
 def _stage_shares(collapsed: str) -> dict[str, float]:

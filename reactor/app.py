@@ -3,17 +3,18 @@ resources (one PostgreSQL pool, one Redis client) and closes them at shutdown. N
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import anyio
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +48,10 @@ def create_app(settings: Settings, limits: Limits | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with open_resources(settings) as resources:
+            # What start-up made (modules, phone metadata, the pool) lives as long as the process: out of the
+            # collector's sight, a full collection scans only what requests allocate (a p99 of pauses otherwise).
+            gc.collect()
+            gc.freeze()
             yield {"resources": resources}
 
     return Starlette(
@@ -76,8 +81,8 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = Headers(scope=scope).get("x-request-id", "")
-        rid = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex[:16]
+        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
+        rid = given if 0 < len(given) <= 64 and given.isprintable() else os.urandom(8).hex()
         token = logs.request_id.set(rid)
 
         async def send_with_id(message: Message) -> None:
@@ -126,37 +131,50 @@ class Guard:
             await error_response(InvalidInput.field(field, "contains a NUL character (U+0000)"))(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
+        # asyncio's own timeouts, not anyio's cancel scopes: a tenth of the cost, on every request
+        deadline = asyncio.timeout(self.limits.request_timeout_s)
         try:
-            with anyio.move_on_after(self.limits.request_timeout_s) as deadline:
+            async with deadline:
                 await self.app(scope, self._body_deadline(receive), send_watched)
         except ClientDisconnect:
             log.info("request.client_disconnected method=%s path=%s", method, path)
             return
         except Exception as exc:
-            if started:  # too late to answer: the status line is out
-                log.error("request.failed_mid_response method=%s path=%s", method, path, exc_info=exc)
+            if not (isinstance(exc, TimeoutError) and deadline.expired()):  # the answer's own deadline: below
+                await self._failed(exc, started, scope, receive, send)
                 return
-            response = error_response(exc) if isinstance(exc, ReactorError) else unexpected_error(exc, method, path)
-            await response(scope, receive, send)
-            return
-        if deadline.cancelled_caught:
+        if deadline.expired():
             log.warning("request.timeout method=%s path=%s after_s=%s", method, path, self.limits.request_timeout_s)
             if not started:
                 timeout = ServiceUnavailable(f"no answer within {self.limits.request_timeout_s:g} s; retry later")
                 await error_response(timeout)(scope, receive, send)
 
+    @staticmethod
+    async def _failed(exc: Exception, started: bool, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        if started:  # too late to answer: the status line is out
+            log.error("request.failed_mid_response method=%s path=%s", method, path, exc_info=exc)
+            return
+        response = error_response(exc) if isinstance(exc, ReactorError) else unexpected_error(exc, method, path)
+        await response(scope, receive, send)
+
     def _body_deadline(self, receive: Receive) -> Receive:
-        give_up_at = anyio.current_time() + self.limits.body_timeout_s
+        give_up_at = asyncio.get_running_loop().time() + self.limits.body_timeout_s
         body_done = False
 
         async def receive_in_time() -> Message:
             nonlocal body_done
             if body_done:  # later reads wait for a disconnect, which may rightly take any time
                 return await receive()
-            with anyio.move_on_after(give_up_at - anyio.current_time()):
-                message = await receive()
-                body_done = message["type"] != "http.request" or not message.get("more_body", False)
-                return message
-            raise RequestTimeout(f"the body did not arrive within {self.limits.body_timeout_s:g} s")
+            arrival = asyncio.timeout_at(give_up_at)
+            try:
+                async with arrival:
+                    message = await receive()
+            except TimeoutError:
+                if arrival.expired():
+                    raise RequestTimeout(f"the body did not arrive within {self.limits.body_timeout_s:g} s") from None
+                raise
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
 
         return receive_in_time

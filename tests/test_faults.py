@@ -372,8 +372,13 @@ async def limited(settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIt
         await hung.wait()  # never set: a handler stuck on something
         raise AssertionError
 
+    async def times_out(request: Request) -> JSONResponse:
+        await asyncio.wait_for(hung.wait(), 0.01)  # a timeout of the handler's own, not the answer's deadline
+        raise AssertionError
+
     app = create_app(settings, Limits(body_timeout_s=0.5, request_timeout_s=3.0))  # 3 s: a busy machine
     app.router.routes.append(Route("/hangs", hangs))
+    app.router.routes.append(Route("/times-out", times_out))
     async with served(app, http=QuickHead, timeout_keep_alive=1) as port:
         yield port
 
@@ -451,6 +456,15 @@ async def test_an_answer_that_takes_too_long_is_a_503(limited: int) -> None:
     assert answer.status_code == 503
     assert answer.json()["error"] == "unavailable"
     assert answer.headers["Retry-After"]
+
+
+async def test_a_handlers_own_timeout_is_an_error_answer_not_the_deadline(limited: int, lines: Lines) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{limited}", timeout=10) as http:
+        answer = await http.get("/times-out", headers={"X-Request-ID": "req-own-timeout"})
+    assert answer.status_code == 500
+    assert answer.json()["error"] == "internal_error"
+    assert answer.headers["X-Request-ID"] == "req-own-timeout"
+    assert not [line for line in lines.lines if "request.timeout" in line["msg"]]
 
 
 async def test_access_lines_carry_the_request_id_and_no_search_terms(limited: int, lines: Lines) -> None:
