@@ -219,13 +219,16 @@ async def burst_and_idle(design: Design, pg_url: str, count: int, cap_s: float, 
                  "twenty_calls": spent - before, "calls_per_lead": round((spent - before) / max(done, 1), 3),
                  "http_429": limited, "open_tasks_by_member": open_per_member}  # fmt: skip
         latencies = []
-        for i in range(idle_leads):
-            await asyncio.sleep(idle_gap_s)  # idle: the pace has recovered, nothing else is waiting
-            started = time.perf_counter()  # from the lead source's POST to the linked, assigned task
-            [lead_id] = await post(web, leads(f"idle{i}x", 1))
-            _elapsed, got = await until(pool, [lead_id], 30, poll_s=0.005)
-            if got:
-                latencies.append((time.perf_counter() - started) * 1000)
+        async with httpx.AsyncClient(base_url=web, headers={"X-API-Key": KEY}, timeout=60) as http:
+            for i in range(idle_leads):
+                await asyncio.sleep(idle_gap_s)  # idle: the pace has recovered, nothing else is waiting
+                started = time.perf_counter()  # from the lead source's POST to the linked, assigned task
+                answer = await http.post("/leads", json=leads(f"idle{i}x", 1)[0])
+                assert answer.status_code == 201, answer.text
+                lead_id = str(answer.json()["lead_id"])
+                _elapsed, got = await until(pool, [lead_id], 30, poll_s=0.005)
+                if got:
+                    latencies.append((time.perf_counter() - started) * 1000)
         quantiles = statistics.quantiles(latencies, n=10) if len(latencies) > 1 else [float("nan")] * 9
         idle = {"p50_ms": round(statistics.median(latencies), 1) if latencies else None,
                 "p90_ms": round(quantiles[8], 1), "n": len(latencies)}  # fmt: skip
