@@ -1,9 +1,10 @@
 """Benchmark the backlog sync: 10,000 unsynced leads against a mocked Twenty that answers after 50 ms and, like
 Twenty, allows TWENTY_RATE_LIMIT calls a minute (429 beyond), beside the one-call-per-lead approach.
 
-The batch path is reactor's own sweep (`sync.sync_backlog`: batch upserts, one trash read, the shared Redis token
-bucket), run to the end. The one-call-per-lead path (an upsert per lead through the same client and bucket) would
-take 10,000 / TWENTY_RATE_LIMIT minutes, so it runs for `--per-lead-seconds` and is projected from its rate.
+The batch path is reactor's own drain (`drain.sync_leads` until no lead waits: a trash read and a batch upsert per
+round, the shared Redis token bucket), run to the end. The one-call-per-lead path (an upsert per lead through the
+same client and bucket) would take 10,000 / TWENTY_RATE_LIMIT minutes, so it runs for `--per-lead-seconds` and is
+projected from its rate.
 
     .venv/bin/python bench/sync.py [--leads 10000] [--rate-limit 100] [--per-lead-seconds 60] [--json]
 """
@@ -29,8 +30,8 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, scratch_database, scratch_redis_url, servers
-from reactor import sync
-from reactor.resources import open_resources
+from reactor import drain
+from reactor.resources import Resources, open_resources
 from reactor.settings import load_settings
 from reactor.twenty import PersonInput, TwentyClient
 
@@ -107,12 +108,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async with open_resources(settings) as res:
                     assert res.twenty is not None
                     started = time.perf_counter()
-                    result = await sync.sync_backlog(res.db, res.twenty, sync.SyncOptions.from_settings(settings))
+                    synced = await drain_backlog(res)
                     elapsed = time.perf_counter() - started
             report["batch"] = {
-                "synced": len(result.synced),
+                "synced": synced,
                 "seconds": round(elapsed, 1),
-                "leads_per_min": round(len(result.synced) / elapsed * 60),
+                "leads_per_min": round(synced / elapsed * 60),
                 "twenty_calls": sum(v for k, v in mock.calls.items() if k != "429"),
                 "calls_by_kind": dict(mock.calls),
                 "http_429": mock.calls["429"],
@@ -139,6 +140,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await redis.flushdb()
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return report
+
+
+async def drain_backlog(res: Resources) -> int:
+    """Rounds of the drain's lead sync until no lead waits or Twenty cannot be asked: how many leads it synced."""
+    synced = 0
+    while True:
+        pushed, _ = await drain.sync_leads(res)
+        if pushed is None:
+            return synced
+        synced += len(pushed.synced)
 
 
 async def one_call_per_lead(twenty: TwentyClient, leads: int, seconds: float) -> tuple[int, float]:

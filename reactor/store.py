@@ -172,32 +172,18 @@ async def search_leads(
 
 # --- sync to Twenty -------------------------------------------------------------------------------------------
 # A lead is worked by one worker at a time: a claim is a lease (`sync_claimed_until`) taken by an UPDATE, so
-# the single-lead job and the backlog sweep never push the same lead at once, and a killed worker's lease
-# simply runs out. The claim also chooses the lead's Person id the first time (stored before Twenty is called),
-# so whoever pushes the lead next upserts the same Person.
+# two drain loops never push the same lead at once, and a killed worker's lease simply runs out. The claim also
+# chooses the lead's Person id the first time (stored before Twenty is called), so whoever pushes the lead next
+# upserts the same Person.
 
 _CLAIMABLE = """NOT crm_synced AND NOT suppressed AND sync_gave_up_at IS NULL
     AND (sync_claimed_until IS NULL OR sync_claimed_until < now())"""
 _CHOOSE_PERSON_ID = "crm_person_id = coalesce(l.crm_person_id, gen_random_uuid()::text)"
 
 
-async def claim_lead(conn: Conn, lead_id: str, *, lease_s: float) -> asyncpg.Record | None:
-    """Lease one unsynced lead; None when it is synced, suppressed, unknown, or leased by another worker.
-    The row carries `person_id_is_new`: its Person id was chosen by this claim (no Person can have it yet)."""
-    return await conn.fetchrow(
-        f"""WITH picked AS (SELECT lead_id, crm_person_id AS before FROM leads
-                            WHERE lead_id = $1 AND {_CLAIMABLE} FOR UPDATE)
-            UPDATE leads l SET sync_claimed_until = now() + make_interval(secs => $2), {_CHOOSE_PERSON_ID}
-            FROM picked WHERE l.lead_id = picked.lead_id
-            RETURNING l.*, picked.before IS NULL AS person_id_is_new""",
-        lead_id,
-        lease_s,
-    )
-
-
 async def claim_unsynced(conn: Conn, *, limit: int, lease_s: float) -> list[asyncpg.Record]:
     """Lease up to `limit` unsynced leads, oldest first, skipping any another worker holds. Each row carries
-    `person_id_is_new` (see claim_lead)."""
+    `person_id_is_new`: its Person id was chosen by this claim (no Person can have it yet)."""
     return await conn.fetch(
         f"""WITH picked AS (SELECT lead_id, crm_person_id AS before FROM leads
                             WHERE {_CLAIMABLE} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)

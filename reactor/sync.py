@@ -1,10 +1,10 @@
-"""Sync leads to Twenty as People: one lead (the `sync_lead` job) or the backlog (sweep, POST /sync-crm).
+"""Push leads to Twenty as People: what one round of the drain loop (reactor.drain) sends and records.
 
 Every lead becomes exactly one Person:
 * reactor chooses the Person's id when it first claims the lead and stores it before any call, so every push of
   a lead (a retry after a lost answer, a second worker) upserts that same id. A lead with only a phone is looked
   up by phone first, so a Person made outside reactor is updated rather than duplicated.
-* A worker leases the leads it pushes (store.claim_*) for the worst case of the calls it makes; a killed
+* A drain round leases the leads it pushes (store.claim_unsynced) and renews the lease while it runs; a killed
   worker's lease runs out and the lead is pushed again later, which the stable id makes harmless.
 * A push is marked synced only at the lead version it sent; a lead changed meanwhile is pushed again.
 * What is sent follows reactor.survivorship: everything on the first sync, only what changed on a re-sync,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,29 +26,11 @@ import asyncpg
 
 from reactor import store, survivorship
 from reactor.settings import Settings
-from reactor.twenty import TIMEOUT, Person, PersonInput, TwentyClient, TwentyError, TwentyRejected
+from reactor.twenty import Person, PersonInput, TwentyClient, TwentyError, TwentyRejected
 
 log = logging.getLogger("reactor.sync")
 
-LEASE_S = 120.0  # the floor of a lease; the worst-case retry budget of the push makes it longer (lease_for)
 TRASH_LOOKUP_CHUNK = 100  # emails per trash query: keeps the filter URL well under common 8 KiB limits
-TRASH_SNAPSHOT_MAX = 2000  # a backlog run reads a trash this small whole (10 calls at most), once
-ID_LOOKUP_CHUNK = 100  # ids per by-id query (the client chunks the same way)
-
-
-@dataclass(frozen=True)
-class CallBudget:
-    """The worst case of one Twenty call made through TwentyClient: every attempt waits the longest for a token
-    and then times out in every phase, with the longest backoff between attempts."""
-
-    max_attempts: int = 4
-    token_wait_s: float = 60.0  # RedisTokenBucket's max_wait_s
-    timeout_s: float = sum(t or 0.0 for t in (TIMEOUT.connect, TIMEOUT.read, TIMEOUT.write, TIMEOUT.pool))
-    backoff_max_s: float = 30.0
-
-    @property
-    def worst_case_s(self) -> float:
-        return self.max_attempts * (self.token_wait_s + self.timeout_s) + (self.max_attempts - 1) * self.backoff_max_s
 
 
 @dataclass(frozen=True)
@@ -56,30 +38,11 @@ class SyncOptions:
     field_map: Mapping[str, str]
     restore_deleted: bool
     batch_size: int = 200
-    lease_s: float = LEASE_S  # a floor: see lease_for
-    budget: CallBudget = field(default_factory=CallBudget)
-    fixed_lease: bool = False  # lease exactly `lease_s` (SYNC_LEASE_S set by the operator)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SyncOptions:
-        # SYNC_LEASE_S, when set, is taken as it is: shorter than the worst case can only waste calls (the Person
-        # id is fixed), and lets a killed worker's leads go sooner. Unset, the lease is derived (lease_for).
         return cls(field_map=settings.person_field_map, restore_deleted=settings.restore_deleted_people,
-                   batch_size=settings.twenty_batch_size, lease_s=settings.sync_lease_s,
-                   budget=CallBudget(max_attempts=settings.twenty_max_attempts),
-                   fixed_lease="sync_lease_s" in settings.model_fields_set)  # fmt: skip
-
-    def lease_for(self, leads: int) -> float:
-        """How long to lease `leads` leads for one push: the worst case of the calls that push makes (a by-id
-        look-up and a trash look-up per 100 leads, a phone look-up per phone-only lead, one upsert per batch),
-        never less than `lease_s`. A second worker that still pushes the same lead (the lone-record fallback
-        after a rejected batch can outlast this) upserts the same Person id, so it can waste calls but never
-        create a second Person."""
-        if self.fixed_lease:
-            return self.lease_s
-        lookups = 2 * -(-leads // ID_LOOKUP_CHUNK)
-        calls = lookups + leads + -(-leads // max(self.batch_size, 1))
-        return max(self.lease_s, calls * self.budget.worst_case_s)
+                   batch_size=settings.twenty_batch_size)  # fmt: skip
 
 
 @dataclass
@@ -92,27 +55,6 @@ class Pushed:
     people: list[Person] = field(default_factory=list)  # as Twenty returned them, for the follow-ups
     versions: dict[str, int] = field(default_factory=dict)  # lead_id -> the lead version this push sent
     values: dict[str, dict[str, Any]] = field(default_factory=dict)  # lead_id -> the values it stands for
-
-
-@dataclass
-class BacklogResult:
-    synced: list[str] = field(default_factory=list)
-    failed: list[dict[str, str]] = field(default_factory=list)
-    suppressed: list[str] = field(default_factory=list)
-    interrupted: str | None = None  # why the run stopped early (Twenty unavailable); the sweep carries on
-
-    def as_dict(self) -> dict[str, Any]:
-        total = len(self.synced) + len(self.failed) + len(self.suppressed)
-        return {
-            "total": total,
-            "synced_count": len(self.synced),
-            "failed_count": len(self.failed),
-            "suppressed_count": len(self.suppressed),
-            "synced": self.synced,
-            "failed": self.failed,
-            "suppressed": self.suppressed,
-            "interrupted": self.interrupted,
-        }
 
 
 def person_input(lead: Mapping[str, Any], field_map: Mapping[str, str], in_twenty: Person | None = None) -> PersonInput:
@@ -131,20 +73,17 @@ def _pushed(lead: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return pushed if lead.get("synced_version") is not None else None
 
 
-async def push(
-    leads: Sequence[Mapping[str, Any]], twenty: TwentyClient, options: SyncOptions, trash: set[str] | None = None
-) -> Pushed:
+async def push(leads: Sequence[Mapping[str, Any]], twenty: TwentyClient, options: SyncOptions) -> Pushed:
     """Push leased leads to Twenty. Raises TwentyUnavailable when Twenty is down or rate-limited (nothing is
     recorded then; the caller releases the leases). A rejected batch is retried lead by lead, so one bad
-    record does not hold back the others. `trash`: the emails in Twenty's trash, when the caller already
-    knows them; else they are looked up for these leads.
+    record does not hold back the others. The trash is looked up by email for the leads not yet in Twenty.
 
     Every lead carries the Person id it is upserted by (chosen at the claim, stored before any call), so a
     retry after a lost answer, or a second worker, updates that same Person. Twenty's upsert matches on the id
     and on the primary email; when the email belongs to another Person already, Twenty updates that one and
     answers with its id, which is recorded instead."""
     pushed = Pushed()
-    # Leads come from store.claim_*, which gives each one its Person id; one without (a caller that did not
+    # Leads come from store.claim_unsynced, which gives each one its Person id; one without (a caller that did not
     # claim) is upserted by email as before, without the retry safety. An id the claim just chose cannot be in
     # Twenty yet: no look-up for it (a backlog of new leads costs one upsert per batch, as before).
     known_ids = [lead["crm_person_id"] for lead in leads if lead["crm_person_id"] and not lead.get("person_id_is_new")]
@@ -159,7 +98,7 @@ async def push(
 
     unseen = [lead for lead, person in todo if person is None and lead["email"]]
     if unseen and not options.restore_deleted:
-        trashed = trash if trash is not None else await _trashed_emails(twenty, [lead["email"] for lead in unseen])
+        trashed = await _trashed_emails(twenty, [lead["email"] for lead in unseen])
         gone = {lead["lead_id"] for lead in unseen if lead["email"] in trashed}
         pushed.suppressed += sorted(gone)
         todo = [(lead, person) for lead, person in todo if lead["lead_id"] not in gone]
@@ -256,67 +195,3 @@ async def release(db: asyncpg.Pool, lead_ids: Sequence[str], error: TwentyError)
     """Twenty was unavailable: count the attempt, keep the error, and free the leads for the next try."""
     async with db.acquire() as conn:
         await store.record_sync_errors(conn, dict.fromkeys(lead_ids, str(error)))
-
-
-async def sync_lead(db: asyncpg.Pool, twenty: TwentyClient, lead_id: str, options: SyncOptions) -> Pushed | None:
-    """Sync one lead. None when there is nothing to do (synced, suppressed, unknown, or leased elsewhere).
-    Idempotent. Raises TwentyUnavailable (the job retries) after recording the attempt on the lead."""
-    async with db.acquire() as conn:
-        lead = await store.claim_lead(conn, lead_id, lease_s=options.lease_for(1))
-    if lead is None:
-        return None
-    try:
-        pushed = await push([dict(lead)], twenty, options)
-    except TwentyError as exc:
-        await release(db, [lead_id], exc)
-        raise
-    await record(db, pushed)
-    return pushed
-
-
-async def sync_backlog(
-    db: asyncpg.Pool,
-    twenty: TwentyClient,
-    options: SyncOptions,
-    *,
-    max_leads: int | None = None,
-    on_synced: Callable[[list[Person]], Awaitable[None]] | None = None,
-) -> BacklogResult:
-    """Push every unsynced lead through Twenty's batch upsert, a batch at a time, oldest first.
-
-    Safe beside other workers doing the same (each leases its own leads). Stops at the first TwentyUnavailable
-    with what was done so far recorded and `interrupted` set; the next sweep carries on.
-    """
-    result = BacklogResult()
-    chunk = max(options.batch_size, 1)
-    done = 0
-    trash: set[str] | None = None
-    if not options.restore_deleted:
-        try:
-            # One look at the trash for the whole run instead of one per batch: half the calls on a backlog.
-            trash = await twenty.trashed_emails(at_most=TRASH_SNAPSHOT_MAX)
-        except TwentyError as exc:
-            result.interrupted = str(exc)
-            log.warning("sync.backlog_interrupted done=0 error=%s", exc)
-            return result
-    while max_leads is None or done < max_leads:
-        async with db.acquire() as conn:
-            claimed = await store.claim_unsynced(conn, limit=chunk, lease_s=options.lease_for(chunk))
-        leads = [dict(row) for row in claimed]
-        if not leads:
-            break
-        try:
-            pushed = await push(leads, twenty, options, trash)
-        except TwentyError as exc:
-            await release(db, [lead["lead_id"] for lead in leads], exc)
-            result.interrupted = str(exc)
-            log.warning("sync.backlog_interrupted done=%d error=%s", done, exc)
-            break
-        await record(db, pushed)
-        if on_synced is not None and pushed.people:
-            await on_synced(pushed.people)
-        result.synced += list(pushed.synced)
-        result.suppressed += pushed.suppressed
-        result.failed += [{"lead_id": k, "error": v} for k, v in pushed.rejected.items()]
-        done += len(leads)
-    return result

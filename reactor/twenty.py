@@ -423,21 +423,6 @@ class TwentyClient:
         live = [p for p in found if p.deleted_at is None]
         return next(iter(live or found), None)
 
-    async def trashed_emails(self, *, at_most: int) -> set[str] | None:
-        """Every email in Twenty's trash of people, or None when there are more than `at_most` such people (then
-        look them up batch by batch). The trash is usually small: Twenty purges it after a while."""
-        emails: set[str] = set()
-        query: dict[str, Any] = {"filter": "deletedAt[is]:NOT_NULL", "limit": PAGE_SIZE}
-        while True:
-            body = await self.request("GET", "/people", params=query)
-            if body.get("totalCount", 0) > at_most:
-                return None
-            emails |= {p.email for p in (Person.model_validate(i) for i in body["data"]["people"]) if p.email}
-            info = body.get("pageInfo") or {}
-            if not info.get("hasNextPage") or not info.get("endCursor"):
-                return emails
-            query["starting_after"] = info["endCursor"]
-
     async def find_people_by_ids(self, ids: Sequence[str]) -> list[Person]:
         """The People with these ids, trashed ones included (one call per 100 ids)."""
         found: list[Person] = []

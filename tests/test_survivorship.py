@@ -4,6 +4,7 @@ transport), and the survivorship table of docs/survivorship.md row by row."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +13,9 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from reactor import store, survivorship, sync
+from reactor import drain, store, survivorship, sync
+from reactor.resources import Resources, open_resources
+from reactor.settings import Settings
 from reactor.sim import create_sim
 from reactor.twenty import Person, TwentyClient
 
@@ -55,6 +58,25 @@ async def _nothing() -> None:
     return None
 
 
+@pytest.fixture
+async def res(settings: Settings, db: asyncpg.Pool, twenty: TwentyClient) -> AsyncIterator[Resources]:
+    """The worker's resources, with the simulator's client as Twenty."""
+    async with open_resources(settings) as resources:
+        yield dataclasses.replace(resources, twenty=twenty)
+
+
+def with_field_map(res: Resources, field_map: dict[str, str]) -> Resources:
+    return dataclasses.replace(res, settings=res.settings.model_copy(update={"person_field_map": field_map}))
+
+
+async def sync_round(res: Resources) -> sync.Pushed:
+    """One drain round's lead sync, which finds leads waiting and Twenty answering."""
+    pushed, outage = await drain.sync_leads(res)
+    assert outage is None
+    assert pushed is not None
+    return pushed
+
+
 def people(sim: tuple[Any, LosingTransport]) -> list[dict[str, Any]]:
     return list(sim[0].state.workspace.tables["person"].values())
 
@@ -72,7 +94,7 @@ async def post(client: httpx.AsyncClient, **fields: Any) -> str:
 
 
 async def test_a_repeat_during_a_sync_is_pushed_next(
-    client: httpx.AsyncClient, db: asyncpg.Pool, twenty: TwentyClient, sim: tuple[Any, LosingTransport]
+    client: httpx.AsyncClient, db: asyncpg.Pool, twenty: TwentyClient, res: Resources, sim: tuple[Any, LosingTransport]
 ) -> None:
     lead_id = await post(client, first_name="Pat", phone="+14155550111")
     async with db.acquire() as conn:
@@ -85,23 +107,23 @@ async def test_a_repeat_during_a_sync_is_pushed_next(
     [person] = people(sim)
     assert person["emails"]["primaryEmail"] == ""
 
-    result = await sync.sync_backlog(db, twenty, OPTIONS)
-    assert result.synced == [lead_id]
+    result = await sync_round(res)
+    assert list(result.synced) == [lead_id]
     [person] = people(sim)
     assert person["emails"]["primaryEmail"] == "pat@example.com"  # was never sent before
     assert (await lead_row(db, lead_id))["crm_synced"] is True
 
 
 async def test_a_resync_keeps_what_a_rep_edited_in_twenty(
-    client: httpx.AsyncClient, db: asyncpg.Pool, twenty: TwentyClient, sim: tuple[Any, LosingTransport]
+    client: httpx.AsyncClient, db: asyncpg.Pool, res: Resources, sim: tuple[Any, LosingTransport]
 ) -> None:
     lead_id = await post(client, phone="+14155550122", employment={"job_title": "ops"})
-    await sync.sync_backlog(db, twenty, OPTIONS)
+    await sync_round(res)
     person_id = (await lead_row(db, lead_id))["crm_person_id"]
     sim[0].state.workspace.update("person", person_id, {"name": {"firstName": "John", "lastName": "Smith"},
                                                         "jobTitle": "Head of Ops"})  # fmt: skip
     await post(client, phone="+14155550122", email="john@example.com", employment={"job_title": "ops"})
-    await sync.sync_backlog(db, twenty, OPTIONS)
+    await sync_round(res)
 
     [person] = people(sim)
     assert person["name"] == {"firstName": "John", "lastName": "Smith"}  # was blanked
@@ -110,36 +132,28 @@ async def test_a_resync_keeps_what_a_rep_edited_in_twenty(
 
 
 async def test_a_lost_answer_does_not_make_a_second_person(
-    client: httpx.AsyncClient, db: asyncpg.Pool, twenty: TwentyClient, sim: tuple[Any, LosingTransport]
+    client: httpx.AsyncClient, db: asyncpg.Pool, res: Resources, sim: tuple[Any, LosingTransport]
 ) -> None:
     lead_id = await post(client, first_name="Lone", phone="+14155550133")
     sim[1].lose = 3  # the create commits, its answer is lost, and so are the client's retry's and the next push's
-    first = await sync.sync_backlog(db, twenty, OPTIONS)
-    assert first.interrupted is not None
+    _, outage = await drain.sync_leads(res)
+    assert outage is not None  # Twenty could not be asked: the lead's lease is released
     row = await lead_row(db, lead_id)
     assert row["crm_person_id"] is not None  # chosen and stored before the first create
-    second = await sync.sync_backlog(db, twenty, OPTIONS)
-    assert second.synced == [lead_id]
+    second = await sync_round(res)
+    assert list(second.synced) == [lead_id]
     assert [p["id"] for p in people(sim)] == [row["crm_person_id"]]  # one Person, whatever was retried
 
 
-async def test_the_lease_covers_the_worst_case_retry_budget() -> None:
-    options = sync.SyncOptions(field_map={}, restore_deleted=False)
-    one_call = 4 * (60 + 3 + 15 + 10 + 5) + 3 * 30  # token wait and every timeout per attempt, and the backoffs
-    assert options.budget.worst_case_s == one_call
-    assert options.lease_for(1) >= 3 * one_call > 120  # a one-lead push: by-id, phone and upsert calls
-    assert sync.SyncOptions(field_map={}, restore_deleted=False, lease_s=5, fixed_lease=True).lease_for(60) == 5
-
-
 async def test_a_phone_only_resync_does_not_revive_a_deleted_person(
-    client: httpx.AsyncClient, db: asyncpg.Pool, twenty: TwentyClient, sim: tuple[Any, LosingTransport]
+    client: httpx.AsyncClient, db: asyncpg.Pool, res: Resources, sim: tuple[Any, LosingTransport]
 ) -> None:
     lead_id = await post(client, phone="+14155550144")
-    await sync.sync_backlog(db, twenty, OPTIONS)
+    await sync_round(res)
     person_id = (await lead_row(db, lead_id))["crm_person_id"]
     sim[0].state.workspace.delete("person", person_id, soft=True)  # a rep deleted the Person
     await post(client, phone="+14155550144", first_name="Again")  # still phone-only, now with a name
-    result = await sync.sync_backlog(db, twenty, OPTIONS)
+    result = await sync_round(res)
 
     assert result.suppressed == [lead_id]
     [person] = people(sim)
@@ -148,16 +162,16 @@ async def test_a_phone_only_resync_does_not_revive_a_deleted_person(
 
 
 async def test_custom_fields_follow_the_same_rules(
-    client: httpx.AsyncClient, db: asyncpg.Pool, twenty: TwentyClient, sim: tuple[Any, LosingTransport]
+    client: httpx.AsyncClient, db: asyncpg.Pool, res: Resources, sim: tuple[Any, LosingTransport]
 ) -> None:
-    options = sync.SyncOptions(field_map={"current_credit": "leadBudget"}, restore_deleted=False)
+    mapped = with_field_map(res, {"current_credit": "leadBudget"})
     lead_id = await post(client, email="budget@example.com", current_credit=100)
-    await sync.sync_backlog(db, twenty, options)
+    await sync_round(mapped)
     [person] = people(sim)
     assert person["leadBudget"] == 100  # first sync: everything
     sim[0].state.workspace.update("person", person["id"], {"leadBudget": 999})  # edited in Twenty
     await post(client, email="budget@example.com", address={"city": "Oslo"})
-    await sync.sync_backlog(db, twenty, options)
+    await sync_round(mapped)
     [person] = people(sim)
     assert (person["leadBudget"], person["city"]) == (999, "Oslo")  # Twenty wins; the new city is sent
     assert (await lead_row(db, lead_id))["crm_synced"] is True
@@ -221,11 +235,11 @@ async def test_two_workers_pushing_one_lead_make_one_person(
     """A lease that ran out while its worker still pushes: the next worker pushes the same lead at once."""
     lead_id = await post(client, first_name="Twice", phone="+14155550155")
     async with db.acquire() as conn:
-        first = await store.claim_lead(conn, lead_id, lease_s=0.001)
-        assert first is not None
+        [first] = await store.claim_unsynced(conn, limit=1, lease_s=0.001)
+        assert first["lead_id"] == lead_id
         await conn.execute("UPDATE leads SET sync_claimed_until = now() - interval '1 second'")  # it ran out
-        second = await store.claim_lead(conn, lead_id, lease_s=60)
-        assert second is not None
+        [second] = await store.claim_unsynced(conn, limit=1, lease_s=60)
+        assert second["lead_id"] == lead_id
     assert first["crm_person_id"] == second["crm_person_id"]  # chosen once, before any call
     pushes = await asyncio.gather(*(sync.push([dict(row)], twenty, OPTIONS) for row in (first, second)))
     for pushed in pushes:

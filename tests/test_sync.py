@@ -1,9 +1,10 @@
-"""Leads reach Twenty as People through the drain loop's rounds (reactor.drain) and the backlog push, on the real
+"""Leads reach Twenty as People through the drain loop's rounds (reactor.drain) and the backlog job, on the real
 Redis and PostgreSQL, with Twenty mocked through respx (tests/fake_twenty.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -14,12 +15,11 @@ import respx
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from reactor import deadletters, jobs, store, sync
+from reactor import deadletters, store, sync
 from reactor import drain as drain_loop
 from reactor.devstack import free_port
 from reactor.resources import Resources, open_resources
 from reactor.settings import Settings
-from reactor.twenty import TwentyClient
 from tests.conftest import app_client
 from tests.fake_twenty import BASE_URL, FakeTwenty, unavailable
 
@@ -61,18 +61,23 @@ async def api(twenty_settings: Settings, db: asyncpg.Pool, redis: Redis) -> Asyn
         yield http
 
 
-def twenty(res: Resources) -> TwentyClient:
-    assert res.twenty is not None
-    return res.twenty
-
-
-def sync_options(settings: Settings) -> sync.SyncOptions:
-    return sync.SyncOptions.from_settings(settings)
-
-
 async def drain(res: Resources) -> None:
     """What the worker's drain loop does: rounds until nothing is left (or Twenty cannot be asked)."""
     await drain_loop.until_idle(res)
+
+
+async def sweep(res: Resources) -> sync.Pushed:
+    """A drain loop's lead syncs, follow-ups aside: batches until no lead waits. What they pushed, together."""
+    total = sync.Pushed()
+    while True:
+        pushed, outage = await drain_loop.sync_leads(res)
+        assert outage is None
+        if pushed is None:
+            return total
+        assert not total.synced.keys() & pushed.synced.keys()  # no lead is pushed twice
+        total.synced |= pushed.synced
+        total.suppressed += pushed.suppressed
+        total.rejected |= pushed.rejected
 
 
 async def run_jobs(res: Resources) -> None:
@@ -106,9 +111,8 @@ async def test_syncing_twice_changes_nothing(api: httpx.AsyncClient, res: Resour
     lead_id = await post_lead(api, email="twice@example.com")
     await drain(res)
     calls = sum(fake.calls.values())
-    await asyncio.sleep(0)  # the kept result of sync:<id> is short; the job itself is the guard
-    again = await sync.sync_lead(res.db, twenty(res), lead_id, sync_options(res.settings))
-    assert again is None
+    assert (await api.get(f"/leads/{lead_id}")).json()["crm_synced"] is True
+    assert await drain_loop.sync_leads(res) == (None, None)  # nothing waits
     assert sum(fake.calls.values()) == calls
     assert len(fake.people) == 1
 
@@ -167,11 +171,7 @@ async def test_two_workers_sweeping_at_once_push_each_lead_once(
 ) -> None:
     rows = [(f"w{i}", f"w{i}@example.com") for i in range(240)]
     await db.executemany("INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')", rows)
-    options = sync_options(res.settings)
-    first, second = await asyncio.gather(
-        sync.sync_backlog(res.db, twenty(res), options),
-        sync.sync_backlog(res.db, twenty(res), options),
-    )
+    first, second = await asyncio.gather(sweep(res), sweep(res))
     pushed = [record["emails"]["primaryEmail"] for batch in fake.batches for record in batch]
     assert sorted(pushed) == sorted(email for _, email in rows)  # each exactly once
     assert len(first.synced) + len(second.synced) == 240
@@ -183,20 +183,18 @@ async def test_a_rejected_lead_is_isolated_dead_lettered_and_replayable(
     rows = [(f"x{i}", f"x{i}@example.com") for i in range(5)]
     await db.executemany("INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')", rows)
     fake.reject_emails = {"x3@example.com"}
-    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
-    assert result.failed == [{"lead_id": "x3", "error": result.failed[0]["error"]}]
-    assert "Provided phone number is invalid" in result.failed[0]["error"]
+    result = await sweep(res)
+    assert list(result.rejected) == ["x3"]
+    assert "Provided phone number is invalid" in result.rejected["x3"]
     assert sorted(result.synced) == ["x0", "x1", "x2", "x4"]
 
     lead = (await api.get("/leads/x3")).json()
     assert (lead["crm_synced"], lead["sync_attempts"]) == (False, 1)
     assert "Provided phone number is invalid" in lead["last_sync_error"]
     # It is not swept again until someone replays it.
-    again = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
-    assert again.as_dict()["total"] == 0
+    assert await drain_loop.sync_leads(res) == (None, None)
 
-    await deadletters.record(res.db, job_name=jobs.SYNC_LEAD, job_id="sync:x3", args=["x3"], error="e", attempts=1)
-    listed = (await api.get("/jobs/failed")).json()["failed"]
+    listed = (await api.get("/jobs/failed")).json()["failed"]  # the round dead-lettered it
     assert [(f["job_name"], f["args"]) for f in listed] == [("sync_lead", ["x3"])]
 
     fake.reject_emails = set()
@@ -232,11 +230,10 @@ async def test_intake_answers_while_redis_is_down_and_the_sweep_syncs_later(
     lead_id = response.json()["lead_id"]
     assert await db.fetchval("SELECT crm_synced FROM leads WHERE lead_id = $1", lead_id) is False
 
-    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
-    assert result.synced == [lead_id]
+    assert list((await sweep(res)).synced) == [lead_id]
 
 
-async def test_a_worker_killed_mid_job_leaves_the_lead_for_the_sweep(res: Resources, db: asyncpg.Pool) -> None:
+async def test_a_worker_killed_mid_round_leaves_the_lead_for_another_loop(res: Resources, db: asyncpg.Pool) -> None:
     await db.execute("INSERT INTO leads (lead_id, email, api_source) VALUES ('k1', 'killed@example.com', 't')")
     entered = asyncio.Event()
 
@@ -247,8 +244,8 @@ async def test_a_worker_killed_mid_job_leaves_the_lead_for_the_sweep(res: Resour
 
     with respx.mock(assert_all_called=False) as router:
         router.route().mock(side_effect=hang)
-        options = sync.SyncOptions(field_map={}, restore_deleted=True, lease_s=0.5, fixed_lease=True)
-        task = asyncio.create_task(sync.sync_lead(res.db, twenty(res), "k1", options))
+        short = dataclasses.replace(res, settings=res.settings.model_copy(update={"sync_lease_s": 0.5}))
+        task = asyncio.create_task(drain_loop.sync_leads(short))
         await entered.wait()
         task.cancel()  # the worker dies with the request in flight
         with pytest.raises(asyncio.CancelledError):
@@ -258,24 +255,25 @@ async def test_a_worker_killed_mid_job_leaves_the_lead_for_the_sweep(res: Resour
     await asyncio.sleep(0.6)  # the dead worker's lease runs out
     with respx.mock(assert_all_called=False) as router:
         FakeTwenty().install(router)
-        result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
-    assert result.synced == ["k1"]
+        result = await sweep(res)
+    assert list(result.synced) == ["k1"]
 
 
-async def test_a_backlog_run_reads_the_trash_once_and_leaves_trashed_people_deleted(
+async def test_a_backlog_reads_the_trash_once_a_batch_and_leaves_trashed_people_deleted(
     res: Resources, fake: FakeTwenty, db: asyncpg.Pool
 ) -> None:
     gone = fake.add_person("t5@example.com", deleted=True)
     rows = [(f"t{i}", f"t{i}@example.com") for i in range(130)]
     await db.executemany("INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')", rows)
 
-    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    result = await sweep(res)
 
     assert result.suppressed == ["t5"]
     assert len(result.synced) == 129
     assert fake.people[gone]["deletedAt"] is not None
-    # 130 new leads: one trash read, three batches (no by-id read: their Person ids were chosen by this run)
-    assert (fake.calls["list"], fake.calls["batch"]) == (1, 3)
+    # 130 new leads in batches of 60: a trash read and an upsert per batch (no by-id read: their Person ids were
+    # chosen by these claims)
+    assert (fake.calls["list"], fake.calls["batch"]) == (3, 3)
     assert await db.fetchval("SELECT suppressed FROM leads WHERE lead_id = 't5'") is True
 
 
@@ -286,17 +284,18 @@ async def test_intake_queues_no_job_the_row_is_the_work(api: httpx.AsyncClient, 
         assert await store.count_unsynced(conn) == 1
 
 
-async def test_a_sweep_skips_a_lead_whose_job_is_in_flight(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:
+async def test_a_round_skips_a_lead_another_loop_holds(res: Resources, fake: FakeTwenty, db: asyncpg.Pool) -> None:
     await db.executemany(
         "INSERT INTO leads (lead_id, email, api_source) VALUES ($1, $2, 't')",
         [("busy", "busy@example.com"), ("free", "free@example.com")],
     )
-    async with db.acquire() as conn:  # what sync_lead does first: lease the lead
-        assert await store.claim_lead(conn, "busy", lease_s=60) is not None
+    async with db.acquire() as conn:  # another loop's round leases the oldest lead
+        [held] = await store.claim_unsynced(conn, limit=1, lease_s=60)
+    assert held["lead_id"] == "busy"
 
-    result = await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    result = await sweep(res)
 
-    assert result.synced == ["free"]
+    assert list(result.synced) == ["free"]
     pushed = [record["emails"]["primaryEmail"] for batch in fake.batches for record in batch]
     assert pushed == ["free@example.com"]
 
@@ -313,7 +312,7 @@ async def test_a_lead_that_gains_fields_updates_its_person_without_a_duplicate(
                                            "employment": {"job_title": "CTO"}})  # fmt: skip
     assert again.json() == {"status": "existing", "lead_id": lead_id, "source_lead_id": None}
     assert (await api.get(f"/leads/{lead_id}")).json()["crm_synced"] is False  # to be pushed again
-    await sync.sync_backlog(res.db, twenty(res), sync_options(res.settings))
+    await drain(res)
 
     assert list(fake.people) == [person_id]  # matched by id: the same Person, now with the email
     person = fake.people[person_id]
