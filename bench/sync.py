@@ -1,8 +1,8 @@
 """Benchmark the backlog sync: 10,000 unsynced leads against a mocked Twenty that answers after 50 ms and, like
 Twenty, allows TWENTY_RATE_LIMIT calls a minute (429 beyond), beside the one-call-per-lead approach.
 
-The batch path is reactor's own drain (`drain.sync_leads` until no lead waits: a trash read and a batch upsert per
-round, the shared Redis token bucket), run to the end. The one-call-per-lead path (an upsert per lead through the
+The batch path is reactor's own drain (`drain.sync_all_leads`: rounds until no lead waits, each a trash read and a
+batch upsert, the shared Redis token bucket), run to the end. The one-call-per-lead path (an upsert per lead through the
 same client and bucket) would take 10,000 / TWENTY_RATE_LIMIT minutes, so it runs for `--per-lead-seconds` and is
 projected from its rate.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, scratch_database, scratch_redis_url, servers
 from reactor import drain
-from reactor.resources import Resources, open_resources
+from reactor.resources import open_resources
 from reactor.settings import load_settings
 from reactor.twenty import PersonInput, TwentyClient
 
@@ -108,7 +108,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async with open_resources(settings) as res:
                     assert res.twenty is not None
                     started = time.perf_counter()
-                    synced = await drain_backlog(res)
+                    pushed, _ = await drain.sync_all_leads(res)
+                    synced = len(pushed.synced)
                     elapsed = time.perf_counter() - started
             report["batch"] = {
                 "synced": synced,
@@ -140,16 +141,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await redis.flushdb()
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return report
-
-
-async def drain_backlog(res: Resources) -> int:
-    """Rounds of the drain's lead sync until no lead waits or Twenty cannot be asked: how many leads it synced."""
-    synced = 0
-    while True:
-        pushed, _ = await drain.sync_leads(res)
-        if pushed is None:
-            return synced
-        synced += len(pushed.synced)
 
 
 async def one_call_per_lead(twenty: TwentyClient, leads: int, seconds: float) -> tuple[int, float]:

@@ -107,6 +107,20 @@ async def sync_leads(
     return pushed, None
 
 
+async def sync_all_leads(res: Resources) -> tuple[sync.Pushed, TwentyUnavailable | None]:
+    """Rounds of `sync_leads` until no lead waits or Twenty cannot be asked (POST /sync-crm, bench/sync.py):
+    what they pushed, together, and the outage that stopped them, if any."""
+    total = sync.Pushed()
+    while True:
+        pushed, outage = await sync_leads(res)
+        if pushed is not None:
+            total.synced |= pushed.synced
+            total.suppressed += pushed.suppressed
+            total.rejected |= pushed.rejected
+        if pushed is None or outage is not None:
+            return total, outage
+
+
 async def owe_for_returning_leads(res: Resources, *, limit: int = 200) -> int:
     """Leads submitted again since their follow-up was checked: their person gets one unless one is active."""
     async with res.db.acquire() as conn, conn.transaction():

@@ -95,18 +95,13 @@ def _retry_outages(job: JobFunction) -> JobFunction:
 async def sync_backlog(ctx: dict[str, Any]) -> dict[str, Any]:
     """POST /sync-crm: push every waiting lead now, through the drain's batches, and report what happened."""
     res, _ = _resources(ctx)
-    result: dict[str, Any] = {"synced": [], "failed": [], "suppressed": [], "interrupted": None}
-    while True:
-        pushed, outage = await drain.sync_leads(res)
-        if pushed is not None:
-            result["synced"] += list(pushed.synced)
-            result["suppressed"] += pushed.suppressed
-            result["failed"] += [{"lead_id": k, "error": v} for k, v in pushed.rejected.items()]
-        if outage is not None:
-            result["interrupted"] = str(outage)
-            break
-        if pushed is None:
-            break
+    pushed, outage = await drain.sync_all_leads(res)
+    result: dict[str, Any] = {
+        "synced": list(pushed.synced),
+        "failed": [{"lead_id": k, "error": v} for k, v in pushed.rejected.items()],
+        "suppressed": pushed.suppressed,
+        "interrupted": str(outage) if outage else None,
+    }
     counts = {f"{key}_count": len(result[key]) for key in ("synced", "failed", "suppressed")}
     return {"total": sum(counts.values()), **counts, **result}
 
