@@ -39,20 +39,25 @@ CUT_FACTOR = 0.5  # a 429 halves the rate
 RAISE_PER_CALL = 0.005  # each call after a quiet spell raises the rate by 0.5 %
 QUIET_SHARE = 0.25  # of the window without a 429 before the rate rises again
 
+# Put before both scripts: the clock they read, the caller's `now` when given (>= 0), else Redis's TIME.
+_CLOCK = """
+pcall(redis.replicate_commands)
+local function clock(given)
+  if given >= 0 then return given end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # KEYS[1]: the state hash (rate in calls per ms, tat = the next free slot, cut = when the rate was last cut).
 # ARGV: ceiling, floor (calls/ms), raise factor, quiet ms, max wait ms, ttl ms, reserved_at (or -1), now (or -1),
 # burst (calls that may go at once after a quiet spell; 1: none).
 # Returns {wait_ms, now_ms, rate}: wait 0 = go now; > 0 = the slot reserved, come back at it with reserved_at =
 # now_ms; -1 = no slot within the max wait (nothing reserved).
 _ACQUIRE_SCRIPT = """
-pcall(redis.replicate_commands)
 local ceiling, floor_rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local raise, quiet, max_wait, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local reserved_at, now, burst = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local reserved_at, now, burst = tonumber(ARGV[7]), clock(tonumber(ARGV[8])), tonumber(ARGV[9])
 local state = redis.call('HMGET', KEYS[1], 'rate', 'tat', 'cut')
 local rate = math.min(ceiling, math.max(floor_rate, tonumber(state[1]) or ceiling))
 local tat = tonumber(state[2]) or now
@@ -77,13 +82,8 @@ return {math.ceil(wait), now, tostring(rate)}
 
 # ARGV: reserved_at, cut factor, floor (calls/ms), pause ms, ttl ms, now (or -1). Returns 1 when the rate was cut.
 _SLOW_DOWN_SCRIPT = """
-pcall(redis.replicate_commands)
 local reserved_at, factor, floor_rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local pause, ttl, now = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local pause, ttl, now = tonumber(ARGV[4]), tonumber(ARGV[5]), clock(tonumber(ARGV[6]))
 local state = redis.call('HMGET', KEYS[1], 'rate', 'tat', 'cut')
 local rate = tonumber(state[1])
 local tat = tonumber(state[2]) or now
@@ -162,8 +162,8 @@ class AdaptiveRateLimit:
         self._burst = max(1, burst)
         self._clock = clock  # seconds; None: the Redis server's clock
         self._sleep = sleep
-        self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
-        self._slow_down = redis.register_script(_SLOW_DOWN_SCRIPT)
+        self._acquire = redis.register_script(_CLOCK + _ACQUIRE_SCRIPT)
+        self._slow_down = redis.register_script(_CLOCK + _SLOW_DOWN_SCRIPT)
 
     @property
     def token_interval_s(self) -> float:
