@@ -37,6 +37,14 @@ async def _stopped(process: subprocess.Popen[bytes], timeout_s: float, log: Path
         raise AssertionError(f"still running {timeout_s:.0f} s after the signal:\n{tail}") from None
 
 
+async def _logged(process: subprocess.Popen[bytes], log: Path, line: str, within_s: float) -> None:
+    """Wait until the process's log says `line`; fail with the log if the process exits first or it takes longer."""
+    with anyio.fail_after(within_s):
+        while line not in (text := await anyio.Path(log).read_text()):
+            assert process.poll() is None, text
+            await anyio.sleep(0.2)
+
+
 def _env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
     # The Procfile names `reactor`, found on PATH as in an activated virtualenv.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -118,10 +126,7 @@ async def test_the_procfile_worker_stops_cleanly_on_sigterm(database_url: str, r
         worker = subprocess.Popen(["sh", "-c", f"exec {procfile['worker']}"], env=env, cwd=ROOT, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
-            with anyio.fail_after(30):
-                while "Starting worker" not in log_path.read_text():
-                    assert worker.poll() is None, log_path.read_text()
-                    await anyio.sleep(0.2)
+            await _logged(worker, log_path, "Starting worker", within_s=30)
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             status = await _stopped(worker, 30, log_path)
@@ -291,9 +296,7 @@ async def test_reactor_dev_runs_the_pipeline_and_stops_everything(
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             with anyio.fail_after(60):
-                while "reactor dev is running" not in log_path.read_text():
-                    assert dev.poll() is None, log_path.read_text()
-                    await anyio.sleep(0.2)
+                await _logged(dev, log_path, "reactor dev is running", within_s=60)
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": "k"}) as http:
                     assert (await http.get("/leads/stale")).status_code == 404
                     posted = await http.post("/leads", json={"first_name": "Dev", "email": "dev@example.com"})
@@ -350,10 +353,7 @@ async def test_reactor_dev_reset_empties_the_state_it_would_keep_with_a_real_twe
         dev = subprocess.Popen([sys.executable, "-m", "reactor", "dev", "--reset", "--port", str(port)], env=env,
                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
-            with anyio.fail_after(60):
-                while "reactor dev is running" not in log_path.read_text():
-                    assert dev.poll() is None, log_path.read_text()
-                    await anyio.sleep(0.2)
+            await _logged(dev, log_path, "reactor dev is running", within_s=60)
         finally:
             dev.send_signal(signal.SIGINT)
             await _stopped(dev, 60, log_path)
