@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from reactor import outages, supervisor
 from reactor.app import Limits, create_app
@@ -372,6 +374,10 @@ async def limited(settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIt
         await hung.wait()  # never set: a handler stuck on something
         raise AssertionError
 
+    async def slow(request: Request) -> JSONResponse:
+        await asyncio.sleep(1.0)  # twice QuickHead's head deadline: a request in progress is not idle
+        return JSONResponse({"slow": True})
+
     async def times_out(request: Request) -> JSONResponse:
         await asyncio.wait_for(hung.wait(), 0.01)  # a timeout of the handler's own, not the answer's deadline
         raise AssertionError
@@ -379,6 +385,7 @@ async def limited(settings: Settings, db: asyncpg.Pool, redis: Redis) -> AsyncIt
     app = create_app(settings, Limits(body_timeout_s=0.5, request_timeout_s=3.0))  # 3 s: a busy machine
     app.router.routes.append(Route("/hangs", hangs))
     app.router.routes.append(Route("/times-out", times_out))
+    app.router.routes.append(Route("/slow", slow))
     async with served(app, http=QuickHead, timeout_keep_alive=1) as port:
         yield port
 
@@ -437,6 +444,33 @@ async def test_a_connection_that_never_finishes_its_head_is_closed(limited: int,
     assert await closed_by_server(reader, 10) == b""
     assert time.monotonic() - started >= 0.4
     writer.close()
+
+
+async def test_a_request_that_outlasts_the_head_deadline_is_answered_and_the_next_one_too(limited: int) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{limited}", timeout=10,
+                                 limits=httpx.Limits(max_connections=1)) as http:  # fmt: skip
+        assert (await http.get("/slow")).json() == {"slow": True}
+        assert (await http.get("/healthz")).status_code == 200  # the same connection: the deadline moved on
+
+
+def _request_cycles() -> int:
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if type(thing) is RequestResponseCycle)
+
+
+async def test_answered_requests_are_not_kept_alive_by_the_server(settings: Settings, db: asyncpg.Pool) -> None:
+    # A head-deadline timer per request used to hold its request for ten seconds: 2,000 requests/s kept 20,000
+    # alive, and each full garbage collection scanned them all (a 200 ms pause, the p99 of intake).
+    async with (
+        served(create_app(settings)) as port,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=10, limits=httpx.Limits(max_connections=2)
+        ) as http,
+    ):
+        before = _request_cycles()
+        for _ in range(300):
+            assert (await http.get("/healthz")).status_code == 200
+        assert _request_cycles() - before <= 2  # at most the last request of each connection
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_a_408(limited: int, db: asyncpg.Pool) -> None:
