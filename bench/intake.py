@@ -253,7 +253,7 @@ STAGES = (
     ("JSON answer", ("json/encoder.py", "render (starlette/responses.py", "dumps (json")),
     ("body read", ("reactor/api/inputs.py",)),
     ("reactor route", ("reactor/api/leads.py", "reactor/intake.py", "reactor/models.py")),
-    ("request id middleware", ("reactor/app.py",)),
+    ("edge middleware (request id, deadlines, errors)", ("reactor/app.py",)),
     ("Starlette routing, requests, responses", ("starlette/",)),
     ("HTTP protocol (uvicorn, httptools)", ("uvicorn/", "httptools")),
     ("event loop (uvloop, asyncio)", ("uvloop", "asyncio/")),

@@ -14,20 +14,19 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
-from starlette.middleware import Middleware
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reactor import logs
 from reactor.api import dashboard, docs, jobs, leads, members, ops, reconcile, webhooks
 from reactor.errors import (
-    EXCEPTION_HANDLERS,
     InvalidInput,
     ReactorError,
     RequestTimeout,
     ServiceUnavailable,
     error_response,
+    http_error_response,
     unexpected_error,
 )
 from reactor.resources import open_resources
@@ -54,7 +53,7 @@ def create_app(settings: Settings, limits: Limits | None = None) -> Starlette:
             gc.freeze()
             yield {"resources": resources}
 
-    return Starlette(
+    return ReactorApp(
         routes=[
             *leads.routes,
             *jobs.routes,
@@ -65,35 +64,21 @@ def create_app(settings: Settings, limits: Limits | None = None) -> Starlette:
             *members.routes,
             *dashboard.routes,
         ],
-        exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(RequestId), Middleware(Guard, limits=limits or Limits())],
         lifespan=lifespan,
+        limits=limits or Limits(),
     )
 
 
-class RequestId:
-    """Every request gets an id (the caller's X-Request-ID, or a new one): on each log line and in the answer."""
+class ReactorApp(Starlette):
+    """Starlette with one middleware, Edge, in place of Starlette's own two error layers and their handlers: Edge
+    answers every error itself, so each request passes one wrapper instead of three (a tenth of intake's CPU)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, *, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.limits = limits
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
-        rid = given if 0 < len(given) <= 64 and given.isprintable() else os.urandom(8).hex()
-        token = logs.request_id.set(rid)
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).append("X-Request-ID", rid)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            logs.request_id.reset(token)
+    def build_middleware_stack(self) -> ASGIApp:
+        return Edge(self.router, self.limits)
 
 
 def _nul_in_url(scope: Scope) -> str | None:
@@ -107,10 +92,11 @@ def _nul_in_url(scope: Scope) -> str | None:
     return None
 
 
-class Guard:
-    """Inside RequestId, so each of these lines carries the request's id: refuses URLs that decode to a NUL,
-    bounds the time to receive the body and to answer, answers an outage with 503 (a bug with 500, logged once),
-    and takes a client that hangs up as routine (info), not as an error."""
+class Edge:
+    """Every request passes here once. It gets an id (the caller's X-Request-ID, or a new one), on each log line
+    and in the answer; a URL that decodes to a NUL is refused; the time to receive the body and to answer is
+    bounded; every error becomes its answer: a ReactorError or HTTPException as itself, an outage as a 503, a bug
+    as a 500 logged once with the request id; a client that hangs up is routine (info), not an error."""
 
     def __init__(self, app: ASGIApp, limits: Limits) -> None:
         self.app = app
@@ -120,34 +106,46 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"").decode("latin-1")
+        rid = given if 0 < len(given) <= 64 and given.isprintable() else os.urandom(8).hex()
+        token = logs.request_id.set(rid)
+        try:
+            await self._answer(scope, receive, send, rid)
+        finally:
+            logs.request_id.reset(token)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
         started = False
 
-        async def send_watched(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         if (field := _nul_in_url(scope)) is not None:
-            await error_response(InvalidInput.field(field, "contains a NUL character (U+0000)"))(scope, receive, send)
+            problem = InvalidInput.field(field, "contains a NUL character (U+0000)")
+            await error_response(problem)(scope, receive, send_with_id)
             return
         method, path = scope["method"], scope["path"]
         # asyncio's own timeouts, not anyio's cancel scopes: a tenth of the cost, on every request
         deadline = asyncio.timeout(self.limits.request_timeout_s)
         try:
             async with deadline:
-                await self.app(scope, self._body_deadline(receive), send_watched)
+                await self.app(scope, self._body_deadline(receive), send_with_id)
         except ClientDisconnect:
             log.info("request.client_disconnected method=%s path=%s", method, path)
             return
         except Exception as exc:
             if not (isinstance(exc, TimeoutError) and deadline.expired()):  # the answer's own deadline: below
-                await self._failed(exc, started, scope, receive, send)
+                await self._failed(exc, started, scope, receive, send_with_id)
                 return
         if deadline.expired():
             log.warning("request.timeout method=%s path=%s after_s=%s", method, path, self.limits.request_timeout_s)
             if not started:
                 timeout = ServiceUnavailable(f"no answer within {self.limits.request_timeout_s:g} s; retry later")
-                await error_response(timeout)(scope, receive, send)
+                await error_response(timeout)(scope, receive, send_with_id)
 
     @staticmethod
     async def _failed(exc: Exception, started: bool, scope: Scope, receive: Receive, send: Send) -> None:
@@ -155,7 +153,12 @@ class Guard:
         if started:  # too late to answer: the status line is out
             log.error("request.failed_mid_response method=%s path=%s", method, path, exc_info=exc)
             return
-        response = error_response(exc) if isinstance(exc, ReactorError) else unexpected_error(exc, method, path)
+        if isinstance(exc, ReactorError):
+            response = error_response(exc)
+        elif isinstance(exc, HTTPException):
+            response = http_error_response(exc)
+        else:
+            response = unexpected_error(exc, method, path)
         await response(scope, receive, send)
 
     def _body_deadline(self, receive: Receive) -> Receive:

@@ -11,7 +11,6 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from reactor import outages
@@ -112,13 +111,7 @@ def error_response(exc: ReactorError) -> JSONResponse:
     return _render(exc.status, exc.code, exc.detail, headers)
 
 
-async def reactor_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ReactorError)
-    return error_response(exc)
-
-
-async def http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
+def http_error_response(exc: HTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return _render(exc.status_code, code, exc.detail, dict(exc.headers or {}))
 
@@ -133,11 +126,3 @@ def unexpected_error(exc: BaseException, method: str, path: str) -> JSONResponse
         return error_response(ServiceUnavailable(outages.describe(dependency, exc)))
     log.error("request.failed method=%s path=%s error=%s", method, path, type(exc).__name__, exc_info=exc)
     return _render(500, "internal_error", "an unexpected error occurred; it has been logged")
-
-
-# No handler for Exception here: Starlette would run it outside the request-id middleware and then re-raise, so
-# the 500 was logged twice and without its request id. reactor.app.Guard answers those instead.
-EXCEPTION_HANDLERS = {
-    ReactorError: reactor_error,
-    HTTPException: http_error,
-}

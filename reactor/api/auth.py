@@ -44,16 +44,30 @@ def presented_key(request: Request, *, basic: bool = False) -> str | None:
 def authenticate(request: Request, keys: Mapping[str, SecretStr], *, basic: bool = False) -> str:
     """Return the source name whose key the request carries, or raise Unauthenticated (401).
 
-    Every configured key is compared, whichever matches, so the time taken does not tell which one did.
+    Every configured key's digest is compared, whichever matches, so the time taken does not tell which one did.
     """
     presented = presented_key(request, basic=basic)
     if presented is None:
         raise Unauthenticated("missing API key: send X-API-Key or Authorization: Bearer")
     offered = _digest(presented)
     source = None
-    for name, key in keys.items():
-        if hmac.compare_digest(offered, _digest(key.get_secret_value())):
+    for name, digest in _digests(keys):
+        if hmac.compare_digest(offered, digest):
             source = name
     if source is None:
         raise Unauthenticated("invalid API key")
     return source
+
+
+_DIGESTS: dict[int, tuple[Mapping[str, SecretStr], list[tuple[str, bytes]]]] = {}
+
+
+def _digests(keys: Mapping[str, SecretStr]) -> list[tuple[str, bytes]]:
+    """The configured keys' digests, made once per mapping (settings are made once per process)."""
+    known = _DIGESTS.get(id(keys))
+    if known is None or known[0] is not keys:
+        known = keys, [(name, _digest(key.get_secret_value())) for name, key in keys.items()]
+        if len(_DIGESTS) >= 64:  # a process has one Settings; a test run makes many
+            _DIGESTS.clear()
+        _DIGESTS[id(keys)] = known
+    return known[1]

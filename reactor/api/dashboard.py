@@ -20,10 +20,10 @@ from typing import Any
 from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from reactor import assignees, logs, metrics, routing, store
 from reactor.api.auth import authenticate
+from reactor.api.endpoint import Endpoint
 from reactor.errors import Unauthenticated
 from reactor.resources import Resources
 
@@ -180,4 +180,4 @@ def _page(data: dict[str, Any], *, pii: bool) -> str:
 </body></html>"""
 
 
-routes = [Route("/", dashboard, methods=["GET"])]
+routes = [Endpoint("/", dashboard, methods=["GET"])]

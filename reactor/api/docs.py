@@ -13,6 +13,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
+from reactor.api.endpoint import Endpoint
 from reactor.models import LeadAccepted, LeadIn, LeadList, LeadPage
 from reactor.routing import Availability
 
@@ -59,7 +60,7 @@ def _error(description: str, status: int) -> dict[str, Any]:
     return answer
 
 
-# What the edge can answer whatever the route (reactor.app.Guard, reactor.api.inputs), added to every operation so
+# What the edge can answer whatever the route (reactor.app.Edge, reactor.api.inputs), added to every operation so
 # the document lists every status each route can give.
 _ANY_ROUTE = (422, 503)
 _READS_A_BODY = (400, 408, 413, 415, 422)
@@ -285,7 +286,7 @@ def routes() -> list[Route | Mount]:
         return HTMLResponse(DOCS_PAGE)
 
     return [
-        Route("/openapi.json", openapi),
-        Route("/docs", docs),
+        Endpoint("/openapi.json", openapi),
+        Endpoint("/docs", docs),
         Mount("/docs/assets", StaticFiles(directory=SWAGGER_UI_ASSETS), name="docs-assets"),
     ]

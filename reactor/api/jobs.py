@@ -8,10 +8,10 @@ from typing import Any
 from arq.jobs import Job, JobStatus
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from reactor import jobs, store
 from reactor.api.auth import authenticate
+from reactor.api.endpoint import Endpoint
 from reactor.api.inputs import int_param
 from reactor.errors import JobNotFound
 from reactor.resources import Resources
@@ -82,8 +82,8 @@ async def failed_jobs(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/sync-crm", sync_crm, methods=["POST"]),
-    Route("/tasks/auto-assign", auto_assign, methods=["POST"]),
-    Route("/jobs/failed", failed_jobs, methods=["GET"]),
-    Route("/jobs/{job_id}", job_status, methods=["GET"]),
+    Endpoint("/sync-crm", sync_crm, methods=["POST"]),
+    Endpoint("/tasks/auto-assign", auto_assign, methods=["POST"]),
+    Endpoint("/jobs/failed", failed_jobs, methods=["GET"]),
+    Endpoint("/jobs/{job_id}", job_status, methods=["GET"]),
 ]

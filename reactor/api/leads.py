@@ -9,10 +9,10 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from reactor import intake, metrics
 from reactor.api.auth import authenticate
+from reactor.api.endpoint import Endpoint
 from reactor.api.inputs import int_param, read_json, text_param
 from reactor.errors import InvalidInput, LeadNotFound, ReactorError
 from reactor.models import LeadIn, LeadList, LeadPage
@@ -24,7 +24,7 @@ MAX_SEARCH = 50
 
 
 def _resources(request: Request) -> Resources:
-    resources: Resources = request.state.resources
+    resources: Resources = request.scope["state"]["resources"]  # request.state copies the mapping each time
     return resources
 
 
@@ -101,8 +101,8 @@ async def get_lead(request: Request) -> Response:
 
 
 routes = [
-    Route("/leads", create_lead, methods=["POST"]),
-    Route("/leads", list_leads, methods=["GET"]),
-    Route("/leads/search", search_leads, methods=["GET"]),
-    Route("/leads/{lead_id}", get_lead, methods=["GET"]),
+    Endpoint("/leads", create_lead, methods=["POST"]),
+    Endpoint("/leads", list_leads, methods=["GET"]),
+    Endpoint("/leads/search", search_leads, methods=["GET"]),
+    Endpoint("/leads/{lead_id}", get_lead, methods=["GET"]),
 ]

@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from reactor import assignees, routing
 from reactor.api.auth import authenticate
+from reactor.api.endpoint import Endpoint
 from reactor.api.inputs import int_param, read_json, text_param
 from reactor.errors import InvalidInput, ReactorError
 from reactor.resources import Resources
@@ -83,8 +83,8 @@ async def list_assignments(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/members", list_members, methods=["GET"]),
-    Route("/members/{member_id}/availability", get_availability, methods=["GET"]),
-    Route("/members/{member_id}/availability", put_availability, methods=["PUT"]),
-    Route("/assignments", list_assignments, methods=["GET"]),
+    Endpoint("/members", list_members, methods=["GET"]),
+    Endpoint("/members/{member_id}/availability", get_availability, methods=["GET"]),
+    Endpoint("/members/{member_id}/availability", put_availability, methods=["PUT"]),
+    Endpoint("/assignments", list_assignments, methods=["GET"]),
 ]

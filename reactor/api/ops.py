@@ -9,9 +9,9 @@ import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from reactor import assignees, metrics, store
+from reactor.api.endpoint import Endpoint
 from reactor.resources import Resources
 
 log = logging.getLogger("reactor.ops")
@@ -57,4 +57,4 @@ async def prometheus(request: Request) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-routes = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", prometheus)]
+routes = [Endpoint("/healthz", healthz), Endpoint("/readyz", readyz), Endpoint("/metrics", prometheus)]

@@ -8,10 +8,10 @@ from typing import Any
 from arq.jobs import Job, JobStatus
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from reactor import jobs, reconcile
 from reactor.api.auth import authenticate
+from reactor.api.endpoint import Endpoint
 from reactor.errors import InvalidInput, JobNotFound
 from reactor.resources import Resources
 
@@ -57,6 +57,6 @@ async def status(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/reconcile", start, methods=["POST"]),
-    Route("/reconcile/{job_id}", status, methods=["GET"]),
+    Endpoint("/reconcile", start, methods=["POST"]),
+    Endpoint("/reconcile/{job_id}", status, methods=["GET"]),
 ]

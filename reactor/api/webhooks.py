@@ -9,9 +9,9 @@ import time
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from reactor import events, metrics
+from reactor.api.endpoint import Endpoint
 from reactor.api.inputs import parse_json, read_body
 from reactor.errors import InvalidEvent, InvalidSignature, NotConfigured, ReactorError, ServiceUnavailable
 from reactor.resources import Resources
@@ -78,4 +78,4 @@ async def _forget(res: Resources, key: str) -> None:
         await res.redis.delete(key)
 
 
-routes = [Route("/webhooks/twenty", twenty_webhook, methods=["POST"])]
+routes = [Endpoint("/webhooks/twenty", twenty_webhook, methods=["POST"])]
