@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import collections
+import contextvars
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from reactor import store
+from reactor import outages, store
 from reactor.models import Lead, LeadIn
+
+log = logging.getLogger("reactor.intake")
 
 
 @dataclass(frozen=True)
@@ -20,19 +26,90 @@ class Submission:
     created: bool
 
 
-async def submit(db: asyncpg.Pool, lead: LeadIn, *, api_source: str, payload: Mapping[str, Any]) -> Submission:
-    """Store a lead, deduplicated (email, then phone, then the source's own id within that source). Race-free,
-    one round trip; see store.upsert_lead."""
-    async with db.acquire() as conn:
-        lead_id, created = await store.upsert_lead(
-            conn,
+@dataclass
+class _Waiting:
+    submission: store.LeadSubmission
+    answer: asyncio.Future[Submission]
+
+
+class SubmissionWriter:
+    """The write path of POST /leads: each request waits for its own submission's commit, but submissions that
+    arrive while earlier ones are being written go together, in one statement and one transaction
+    (store.upsert_leads). A request on a quiet service is written at once, alone; under a burst, each write
+    carries whatever arrived meanwhile, so PostgreSQL commits once per batch instead of once per lead and the
+    process makes one round trip per batch (a third of the CPU per lead, both sides; docs/intake-performance.md).
+
+    Nothing changes for the caller: the answer comes after the commit, the merge rules and the race-freedom are
+    the function's, and a failure is the failing submission's own: when a batch fails for any reason but an
+    outage (a deadlock with another process's batch, a submission PostgreSQL refuses), its submissions are
+    written again one by one, so each gets its own answer.
+    """
+
+    def __init__(self, db: asyncpg.Pool, *, max_batch: int = 100, max_in_flight: int = 1) -> None:
+        # One batch in flight per process measured best: the next batch grows while this one commits, and a
+        # process's batches never wait on each other's rows (bench/intake.py: 5,100-5,400 requests/s against
+        # 4,400-5,000 with two).
+        self._db = db
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._queue: collections.deque[_Waiting] = collections.deque()
+        self._in_flight = 0  # counted by the writers themselves: a finished task's done-callback comes too late
+        self._writers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, lead: LeadIn, *, api_source: str, payload: Mapping[str, Any]) -> Submission:
+        """Store a lead, deduplicated (email, then phone, then the source's own id within that source)."""
+        submission = store.LeadSubmission(
+            api_source=api_source,
             source_lead_id=lead.lead_id,
             columns=lead.columns(),
             raw=lead.unknown_fields(),
-            api_source=api_source,
             payload=payload,
         )
-    return Submission(lead_id, created)
+        waiting = _Waiting(submission, asyncio.get_running_loop().create_future())
+        self._queue.append(waiting)
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            # A context of its own: the writer's log lines are not the request's that happened to start it.
+            writer = asyncio.create_task(self._write_queue(), context=contextvars.Context())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+        return await waiting.answer  # a request cancelled meanwhile still has its submission written
+
+    async def aclose(self) -> None:
+        """Wait for what is being written (the pool closes after this)."""
+        while self._writers:
+            await asyncio.gather(*self._writers, return_exceptions=True)
+
+    async def _write_queue(self) -> None:
+        try:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+                try:
+                    await self._write(batch)
+                except BaseException:  # cancelled at shutdown, say: no request waits for ever
+                    for waiting in batch:
+                        waiting.answer.cancel()
+                    raise
+        finally:
+            self._in_flight -= 1  # no await since the queue was seen empty: nothing was queued meanwhile
+
+    async def _write(self, batch: list[_Waiting]) -> None:
+        try:
+            async with self._db.acquire() as conn:
+                results = await store.upsert_leads(conn, [waiting.submission for waiting in batch])
+        except Exception as exc:
+            if len(batch) > 1 and outages.unavailable(exc) is None:
+                log.info("intake.batch_failed size=%d error=%s; writing each alone", len(batch), type(exc).__name__)
+                for waiting in batch:
+                    await self._write([waiting])
+                return
+            for waiting in batch:
+                if not waiting.answer.done():
+                    waiting.answer.set_exception(exc)
+            return
+        for waiting, (lead_id, created) in zip(batch, results, strict=True):
+            if not waiting.answer.done():
+                waiting.answer.set_result(Submission(lead_id, created))
 
 
 async def get(db: asyncpg.Pool, lead_id: str, *, api_source: str | None = None) -> Lead | None:

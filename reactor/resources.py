@@ -13,6 +13,7 @@ from arq.connections import ArqRedis
 
 from reactor.db import create_pool
 from reactor.followups import FollowUpDeps
+from reactor.intake import SubmissionWriter
 from reactor.loadcache import LoadCache
 from reactor.ratelimit import RedisTokenBucket
 from reactor.settings import Settings
@@ -27,6 +28,7 @@ class Resources:
     twenty: TwentyClient | None  # None when TWENTY_REST_URL/TOKEN are not set (intake still works)
     cache: LoadCache
     llm_http: httpx.AsyncClient  # to the local LLM (Ollama); each request carries its own timeout
+    submissions: SubmissionWriter  # POST /leads' writes, batched while a burst lasts
 
     def follow_up_deps(self) -> FollowUpDeps:
         assert self.twenty is not None, "follow-ups need Twenty configured"
@@ -68,4 +70,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         llm_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.llm_timeout_s, connect=2.0))
         stack.push_async_callback(llm_http.aclose)
         cache = LoadCache(redis, load_statuses=settings.load_statuses, workspace=workspace_key(settings))
-        yield Resources(settings=settings, db=db, redis=redis, twenty=twenty, cache=cache, llm_http=llm_http)
+        submissions = SubmissionWriter(db)
+        stack.push_async_callback(submissions.aclose)
+        yield Resources(settings=settings, db=db, redis=redis, twenty=twenty, cache=cache, llm_http=llm_http,
+                        submissions=submissions)  # fmt: skip

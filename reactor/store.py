@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -52,45 +53,67 @@ UNIQUE_COLUMNS = ("email", "phone")
 RAW_MAX_KEYS = 200
 RAW_MAX_BYTES = 16 * 1024
 
-# One round trip: the plpgsql function in schema.sql inserts or merges and records the submission.
+_SUBMITTED = UNIQUE_COLUMNS + MERGEABLE_COLUMNS
+_NOT_TEXT = {"vehicle_year": "integer", "years_employed": "numeric", "salary_min": "numeric",
+             "salary_max": "numeric", "current_credit": "numeric", "consent": "boolean"}  # fmt: skip
+
+# One submission, one round trip: the plpgsql function in schema.sql inserts or merges and records it.
 _SUBMIT = f"""SELECT lead_id, created FROM reactor_submit_lead(
-    $1, $2, $3, $4, $5, $6, $7, {", ".join(f"${i}" for i in range(8, 8 + len(UNIQUE_COLUMNS + MERGEABLE_COLUMNS)))})"""
+    $1, $2, $3, $4, $5, $6, $7, {", ".join(f"${i}" for i in range(8, 8 + len(_SUBMITTED)))})"""
+
+# Many, in one statement and one transaction: the function once per submission, in order (a later one sees the
+# earlier ones, as it would in a transaction of its own).
+_SUBMIT_MANY = f"""SELECT r.lead_id, r.created
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
+                {", ".join(f"${i}::{_NOT_TEXT.get(c, 'text')}[]" for i, c in enumerate(_SUBMITTED, 8))})
+         WITH ORDINALITY AS s(lead_id, api_source, source_lead_id, raw, payload, {", ".join(_SUBMITTED)}, n)
+    CROSS JOIN LATERAL reactor_submit_lead(s.lead_id, s.api_source, s.source_lead_id, s.raw, s.payload, $6, $7,
+                                           {", ".join(f"s.{c}" for c in _SUBMITTED)}) AS r
+    ORDER BY s.n"""
 
 
 def new_lead_id() -> str:
     return f"ld_{os.urandom(16).hex()}"  # uuid4's 32 hex digits, without building a UUID
 
 
-async def upsert_lead(
-    conn: Conn,
-    *,
-    source_lead_id: str | None,
-    columns: Mapping[str, Any],
-    raw: Mapping[str, Any],
-    api_source: str,
-    payload: Mapping[str, Any],
-) -> tuple[str, bool]:
-    """Store a submission; return (reactor's lead_id, created).
+@dataclass(frozen=True)
+class LeadSubmission:
+    """One accepted POST /leads, as the store writes it."""
 
-    Either inserts a new lead under a new reactor id, or merges into the lead it matches (email, then phone, then
-    the source's own id within that source): see `reactor_submit_lead` in schema.sql for the merge rules. Safe
-    under any concurrency: the unique indexes let exactly one insert win, and the others merge into it. Every
-    submission is also kept verbatim in `lead_submissions`. One statement, one round trip.
+    api_source: str
+    source_lead_id: str | None
+    columns: Mapping[str, Any]  # the lead's own columns (LeadIn.columns)
+    raw: Mapping[str, Any]  # the fields the schema does not know
+    payload: Mapping[str, Any]  # the submission verbatim
+
+
+async def upsert_leads(conn: Conn, submissions: Sequence[LeadSubmission]) -> list[tuple[str, bool]]:
+    """Store submissions, in order; return (reactor's lead_id, created) for each.
+
+    Each either inserts a new lead under a new reactor id, or merges into the lead it matches (email, then phone,
+    then the source's own id within that source): see `reactor_submit_lead` in schema.sql for the merge rules.
+    Safe under any concurrency: the unique indexes let exactly one insert win, and the others merge into it.
+    Every submission is also kept verbatim in `lead_submissions`. One statement, one round trip, however many.
     """
-    row = await conn.fetchrow(
-        _SUBMIT,
-        new_lead_id(),
-        api_source,
-        source_lead_id,
-        raw,
-        payload,
+    if len(submissions) == 1:
+        one = submissions[0]
+        row = await conn.fetchrow(_SUBMIT, new_lead_id(), one.api_source, one.source_lead_id, one.raw, one.payload,
+                                  RAW_MAX_KEYS, RAW_MAX_BYTES, *[one.columns.get(c) for c in _SUBMITTED])  # fmt: skip
+        assert row is not None  # the function returns a row or raises
+        return [(row["lead_id"], row["created"])]
+    rows = await conn.fetch(
+        _SUBMIT_MANY,
+        [new_lead_id() for _ in submissions],
+        [one.api_source for one in submissions],
+        [one.source_lead_id for one in submissions],
+        [one.raw for one in submissions],
+        [one.payload for one in submissions],
         RAW_MAX_KEYS,
         RAW_MAX_BYTES,
-        *[columns.get(col) for col in UNIQUE_COLUMNS],
-        *[columns.get(col) for col in MERGEABLE_COLUMNS],
+        *[[one.columns.get(c) for one in submissions] for c in _SUBMITTED],
     )
-    assert row is not None  # the function returns a row or raises
-    return row["lead_id"], row["created"]
+    assert len(rows) == len(submissions)
+    return [(row["lead_id"], row["created"]) for row in rows]
 
 
 _FOLLOW_UP_JOIN = """LEFT JOIN LATERAL (

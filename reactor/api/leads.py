@@ -48,7 +48,7 @@ async def create_lead(request: Request) -> Response:
     except ReactorError:
         metrics.LEADS.labels("rejected", api_source).inc()
         raise
-    result = await intake.submit(res.db, lead, api_source=api_source, payload=payload)
+    result = await res.submissions.submit(lead, api_source=api_source, payload=payload)
     status = "created" if result.created else "existing"
     metrics.LEADS.labels(status, api_source).inc()
     answer = {"status": status, "lead_id": result.lead_id, "source_lead_id": lead.lead_id}  # LeadAccepted
