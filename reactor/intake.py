@@ -37,7 +37,8 @@ class SubmissionWriter:
     arrive while earlier ones are being written go together, in one statement and one transaction
     (store.upsert_leads). A request on a quiet service is written at once, alone; under a burst, each write
     carries whatever arrived meanwhile, so PostgreSQL commits once per batch instead of once per lead and the
-    process makes one round trip per batch (a third of the CPU per lead, both sides; docs/intake-performance.md).
+    process makes one round trip per batch (docs/intake-performance.md: 25 leads a batch at 5,000 requests/s;
+    per lead, less than half the PostgreSQL CPU and two thirds of the web CPU of writing each alone).
 
     Nothing changes for the caller: the answer comes after the commit, the merge rules and the race-freedom are
     the function's, and a failure is the failing submission's own: when a batch fails for any reason but an
