@@ -7,6 +7,7 @@ import base64
 import binascii
 import collections
 import contextvars
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from reactor import outages, store
+from reactor.errors import ServiceUnavailable
 from reactor.models import Lead, LeadIn
 
 log = logging.getLogger("reactor.intake")
@@ -69,11 +71,7 @@ class SubmissionWriter:
         waiting = _Waiting(submission, asyncio.get_running_loop().create_future())
         self._queue.append(waiting)
         if self._in_flight < self._max_in_flight:
-            self._in_flight += 1
-            # A context of its own: the writer's log lines are not the request's that happened to start it.
-            writer = asyncio.create_task(self._write_queue(), context=contextvars.Context())
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
+            self._start_writer()
         return await waiting.answer  # a request cancelled meanwhile still has its submission written
 
     async def aclose(self) -> None:
@@ -81,18 +79,34 @@ class SubmissionWriter:
         while self._writers:
             await asyncio.gather(*self._writers, return_exceptions=True)
 
-    async def _write_queue(self) -> None:
+    def _start_writer(self) -> None:
+        self._in_flight += 1
+        slot = _Slot(self)
+        # A context of its own: the writer's log lines are not the request's that happened to start it.
+        writer = asyncio.create_task(self._write_queue(slot), context=contextvars.Context())
+        self._writers.add(writer)
+        writer.add_done_callback(functools.partial(self._writer_ended, slot))
+
+    def _writer_ended(self, slot: _Slot, writer: asyncio.Task[None]) -> None:
+        self._writers.discard(writer)
+        slot.release()  # a writer cancelled before its first step never reached its own `finally`
+        if (writer.cancelled() or writer.exception() is not None) and not self._in_flight:
+            # Ended early (cancelled, or a bug): what is still queued would wait for a writer that never comes.
+            while self._queue:
+                _answer_failed(self._queue.popleft(), _interrupted())
+
+    async def _write_queue(self, slot: _Slot) -> None:
         try:
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
                 try:
                     await self._write(batch)
-                except BaseException:  # cancelled at shutdown, say: no request waits for ever
+                except BaseException:
                     for waiting in batch:
-                        waiting.answer.cancel()
+                        _answer_failed(waiting, _interrupted())
                     raise
         finally:
-            self._in_flight -= 1  # no await since the queue was seen empty: nothing was queued meanwhile
+            slot.release()  # no await since the queue was seen empty: nothing was queued meanwhile
 
     async def _write(self, batch: list[_Waiting]) -> None:
         try:
@@ -105,12 +119,32 @@ class SubmissionWriter:
                     await self._write([waiting])
                 return
             for waiting in batch:
-                if not waiting.answer.done():
-                    waiting.answer.set_exception(exc)
+                _answer_failed(waiting, exc)
             return
         for waiting, (lead_id, created) in zip(batch, results, strict=True):
             if not waiting.answer.done():
                 waiting.answer.set_result(Submission(lead_id, created))
+
+
+class _Slot:
+    """A writer's place among the ones in flight, given back exactly once."""
+
+    def __init__(self, writer: SubmissionWriter) -> None:
+        self._writer: SubmissionWriter | None = writer
+
+    def release(self) -> None:
+        if self._writer is not None:
+            self._writer._in_flight -= 1
+            self._writer = None
+
+
+def _interrupted() -> ServiceUnavailable:
+    return ServiceUnavailable("the write of this lead was interrupted; retry (intake deduplicates, a retry is safe)")
+
+
+def _answer_failed(waiting: _Waiting, exc: BaseException) -> None:
+    if not waiting.answer.done():
+        waiting.answer.set_exception(exc)
 
 
 async def get(db: asyncpg.Pool, lead_id: str, *, api_source: str | None = None) -> Lead | None:

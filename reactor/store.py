@@ -112,7 +112,8 @@ async def upsert_leads(conn: Conn, submissions: Sequence[LeadSubmission]) -> lis
         RAW_MAX_BYTES,
         *[[one.columns.get(c) for one in submissions] for c in _SUBMITTED],
     )
-    assert len(rows) == len(submissions)
+    if len(rows) != len(submissions):
+        raise RuntimeError(f"{len(rows)} results for {len(submissions)} submissions")
     return [(row["lead_id"], row["created"]) for row in rows]
 
 

@@ -12,7 +12,9 @@ import anyio
 import asyncpg
 import pytest
 
-from reactor import store
+from reactor import outages, store
+from reactor.devstack import free_port
+from reactor.errors import ServiceUnavailable
 from reactor.intake import Submission, SubmissionWriter
 from reactor.models import LeadIn
 
@@ -134,4 +136,51 @@ async def test_a_submission_right_after_a_write_is_written_too(db: asyncpg.Pool)
     assert (await writer.submit(_lead(1), api_source="webform", payload={})).created
     with anyio.fail_after(10):
         assert (await writer.submit(_lead(2), api_source="webform", payload={})).created
+    await writer.aclose()
+
+
+async def test_an_outage_fails_the_whole_batch_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "reactor.intake")
+    nobody = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/none", min_size=0, max_size=2)
+    writer = SubmissionWriter(nobody)
+    results = await _submit_all(writer, [{} for _ in range(10)])
+    await writer.aclose()
+    await nobody.close()
+
+    assert all(outages.unavailable(r) is outages.Dependency.POSTGRES for r in results)  # each answers 503
+    assert not [r for r in caplog.records if "intake.batch_failed" in r.getMessage()]  # and no one-by-one retry
+
+
+async def test_a_writer_cancelled_before_it_starts_strands_nobody(db: asyncpg.Pool) -> None:
+    writer = SubmissionWriter(db)
+    first = asyncio.ensure_future(writer.submit(_lead(1), api_source="webform", payload={}))
+    await asyncio.sleep(0)  # a yield: `first` is queued and has made a writer, which has not run yet
+    for task in writer._writers:
+        task.cancel()
+    with anyio.fail_after(10):
+        with pytest.raises(ServiceUnavailable):
+            await first
+        assert (await writer.submit(_lead(2), api_source="webform", payload={})).created  # the slot came back
+    await writer.aclose()
+
+
+async def test_a_writer_cancelled_mid_write_answers_503_not_cancelled(
+    db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, never = asyncio.Event(), asyncio.Event()
+
+    async def stuck(conn: store.Conn, submissions: Sequence[store.LeadSubmission]) -> list[tuple[str, bool]]:
+        entered.set()
+        await never.wait()
+        raise AssertionError
+
+    monkeypatch.setattr(store, "upsert_leads", stuck)
+    writer = SubmissionWriter(db)
+    waiting = [asyncio.ensure_future(writer.submit(_lead(i), api_source="webform", payload={})) for i in range(3)]
+    with anyio.fail_after(10):
+        await entered.wait()
+        for task in writer._writers:
+            task.cancel()
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, ServiceUnavailable) for r in results)  # a 503 with Retry-After, not a bare 500
     await writer.aclose()
