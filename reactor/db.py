@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
+
+log = logging.getLogger("reactor.db")
+T = TypeVar("T")
 
 # Any constant works; it only has to be the same in every process that migrates.
 _MIGRATION_LOCK = 7_314_052_001
@@ -34,6 +40,27 @@ async def create_pool(dsn: str, *, size: int = 10) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
+
+
+async def transaction_retrying_deadlocks(
+    db: asyncpg.Pool, work: Callable[[Any], Awaitable[T]], *, what: str, attempts: int = 3
+) -> T:
+    """`work(conn)` in a transaction, run again when PostgreSQL aborts it to break a deadlock.
+
+    Intake writes leads in batches (reactor.intake.SubmissionWriter), so a statement that updates many leads at
+    once, as recording a sync does, can deadlock with one; PostgreSQL then aborts one of the two. Intake rewrites
+    its batch one by one; a worker's write is worth running again, not losing (a lost sync record means pushing
+    the leads to Twenty again).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with db.acquire() as conn, conn.transaction():
+                return await work(conn)
+        except asyncpg.DeadlockDetectedError:
+            if attempt == attempts:
+                raise
+            log.info("db.deadlock what=%s attempt=%d of=%d; running it again", what, attempt, attempts)
+    raise AssertionError("unreachable")
 
 
 def schema_sql() -> str:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from reactor import deadletters, followup_store, followups, jobs, metrics, store, sync
+from reactor.db import transaction_retrying_deadlocks
 from reactor.followups import Worked
 from reactor.resources import Resources
 from reactor.twenty import Person, TwentyError, TwentyUnavailable
@@ -102,8 +103,9 @@ async def sync_leads(
     people: dict[str, Person | None] = {p.id: p for p in pushed.people}
     synced = {pid: people.get(pid) for pid in pushed.synced.values()}
     await followups.owe(res.db, synced, trigger="lead_sync")
-    async with res.db.acquire() as conn:  # their submissions' follow-up check is this one
-        await followup_store.mark_follow_up_checked(conn, list(pushed.synced))
+    checked = list(pushed.synced)  # their submissions' follow-up check is this one
+    await transaction_retrying_deadlocks(res.db, lambda conn: followup_store.mark_follow_up_checked(conn, checked),
+                                         what="drain.follow_up_checked")  # fmt: skip
     return pushed, None
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from reactor import store, survivorship
+from reactor.db import transaction_retrying_deadlocks
 from reactor.settings import Settings
 from reactor.twenty import Person, PersonInput, TwentyClient, TwentyError, TwentyRejected
 
@@ -178,13 +179,16 @@ async def _trashed_emails(twenty: TwentyClient, emails: list[str]) -> set[str]:
 async def record(db: asyncpg.Pool, pushed: Pushed) -> None:
     """Record a push. A lead is marked synced only at the version this push sent: one a submission changed
     meanwhile stays pending, so the next push sends the change (it was lost before)."""
-    async with db.acquire() as conn, conn.transaction():
+
+    async def write(conn: store.Conn) -> None:
         if pushed.synced:
             await store.mark_synced(conn, pushed.synced, versions=pushed.versions, values=pushed.values)
         if pushed.suppressed:
             await store.mark_suppressed(conn, pushed.suppressed, "the Person is in Twenty's trash")
         if pushed.rejected:
             await store.give_up_sync(conn, pushed.rejected)
+
+    await transaction_retrying_deadlocks(db, write, what="sync.record")
     for lead_id in pushed.suppressed:
         log.info("sync.suppressed lead_id=%s reason=person_deleted_in_twenty", lead_id)
     for lead_id, error in pushed.rejected.items():
@@ -193,5 +197,5 @@ async def record(db: asyncpg.Pool, pushed: Pushed) -> None:
 
 async def release(db: asyncpg.Pool, lead_ids: Sequence[str], error: TwentyError) -> None:
     """Twenty was unavailable: count the attempt, keep the error, and free the leads for the next try."""
-    async with db.acquire() as conn:
-        await store.record_sync_errors(conn, dict.fromkeys(lead_ids, str(error)))
+    errors = dict.fromkeys(lead_ids, str(error))
+    await transaction_retrying_deadlocks(db, lambda conn: store.record_sync_errors(conn, errors), what="sync.release")
