@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import phonenumbers
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -38,6 +39,20 @@ def _blank_to_none(value: Any) -> Any:
 
 
 Text = Annotated[Annotated[str, Field(max_length=500)] | None, BeforeValidator(_blank_to_none)]
+
+# The full-name index holds lower(first || ' ' || last), and a btree entry holds at most 2,704 bytes: 500 characters
+# of four bytes each, twice, made PostgreSQL refuse the row (a 500). 800 bytes each fit even if lowercasing grows
+# a character from two bytes to three.
+NAME_MAX_BYTES = 800
+
+
+def _fits_the_name_index(value: str | None) -> str | None:
+    if value is not None and len(value.encode()) > NAME_MAX_BYTES:
+        raise ValueError(f"is longer than {NAME_MAX_BYTES} bytes in UTF-8")
+    return value
+
+
+Name = Annotated[Text, AfterValidator(_fits_the_name_index)]
 # Money travels as a JSON number, not pydantic's default decimal string.
 Number = PlainSerializer(float, return_type=float, when_used="json-unless-none")
 Amount = Annotated[Annotated[Decimal, Field(ge=0, le=10**12)] | None, BeforeValidator(_blank_to_none), Number]
@@ -114,8 +129,8 @@ class LeadIn(BaseModel):
             "within it (reactor's own id is in the answer)"
         ),
     ] = None
-    first_name: Text = None
-    last_name: Text = None
+    first_name: Name = None
+    last_name: Name = None
     # address precedes phone: the phone's region may come from address.country.
     address: Address | None = None
     email: Text = None

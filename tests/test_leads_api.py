@@ -295,3 +295,16 @@ async def test_search_needs_a_criterion_and_valid_values(client: httpx.AsyncClie
     response = await client.get("/leads/search", params={"phone": "12", "email": "nope"})
     assert response.status_code == 422
     assert {p["field"] for p in response.json()["detail"]} == {"phone", "email"}
+
+
+async def test_a_name_too_long_for_the_name_index_is_422_not_500(client: httpx.AsyncClient, db: asyncpg.Pool) -> None:
+    wide = "\U0001f600" * 500  # 500 characters, within the length limit, but 2,000 bytes
+    response = await client.post("/leads", json={"email": "wide@example.com", "first_name": wide, "last_name": wide})
+    assert response.status_code == 422
+    assert {p["field"] for p in response.json()["detail"]} == {"first_name", "last_name"}
+    assert "bytes" in response.json()["detail"][0]["message"]
+    narrow = "\U0001f600" * 200  # 800 bytes each: stored
+    assert (
+        await client.post("/leads", json={"email": "w@example.com", "first_name": narrow, "last_name": narrow})
+    ).status_code == 201
+    assert await db.fetchval("SELECT count(*) FROM leads") == 1
