@@ -19,6 +19,13 @@ HEAD_TIMEOUT_S = 10.0
 HEAD_MAX_BYTES = 16 * 1024  # a request line plus headers over 16 KiB: 400, connection closed
 
 
+HEAD_TOO_LARGE = "Request line or headers too large."
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
 class BoundedHttpTools(HttpToolsProtocol):
     head_timeout_s = HEAD_TIMEOUT_S
     head_max_bytes = HEAD_MAX_BYTES
@@ -28,6 +35,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_too_large = False
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -41,12 +49,19 @@ class BoundedHttpTools(HttpToolsProtocol):
             self._head_bytes += len(data)
         super().data_received(data)
         if self._in_head and self._head_bytes > self.head_max_bytes and not self.transport.is_closing():
-            self.send_400_response("Request line or headers too large.")
+            self.send_400_response(HEAD_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
+        # A head that came in one read never passed the byte count above: measure what the parser gathered.
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.head_max_bytes:
+            self._head_too_large = True
+            raise _HeadTooLarge  # stops the parser; uvicorn answers 400 and closes (send_400_response below)
         self._in_head = False
         self._head_bytes = 0
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        super().send_400_response(HEAD_TOO_LARGE if self._head_too_large else msg)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -416,6 +416,16 @@ async def test_a_request_head_trickled_past_16_kib_is_refused(limited: int) -> N
     writer.close()
 
 
+async def test_a_request_head_over_16_kib_in_one_write_is_refused(limited: int) -> None:
+    # Counted by the bytes that arrive, a head that came in one read was never counted before it was parsed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+    answer = await closed_by_server(reader, 10)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert answer.endswith(b"Request line or headers too large.")
+    writer.close()
+
+
 async def test_a_small_head_and_a_large_body_in_one_write_are_served(limited: int, db: asyncpg.Pool) -> None:
     body = json.dumps({"email": "one.write@example.com", "notes": "n" * 40_000}).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", limited)
