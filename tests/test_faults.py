@@ -32,12 +32,14 @@ from asgi_lifespan import LifespanManager
 from pydantic import SecretStr
 from redis.asyncio import Redis
 from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from reactor import outages, supervisor
+from reactor.api.endpoint import Endpoint
 from reactor.app import Limits, create_app
 from reactor.devstack import free_port
 from reactor.loadcache import LoadCache
@@ -686,3 +688,13 @@ async def test_a_long_job_that_meets_an_outage_is_retried(
             await worker.sync_backlog({"resources": res, "job_try": 1, "job_id": "sync_backlog:t"})
         with pytest.raises(Retry):
             await worker.auto_assign({"resources": res, "job_try": 1, "job_id": "auto_assign:t"})
+
+
+async def test_the_app_refuses_middleware_beside_its_edge(settings: Settings) -> None:
+    # Edge answers every error; a middleware or handler added beside it would silently never run.
+    app = create_app(settings)
+    app.add_middleware(GZipMiddleware)
+    with pytest.raises(TypeError, match="one middleware"):
+        app.build_middleware_stack()
+    with pytest.raises(TypeError, match="async function"):
+        Endpoint("/sync", lambda request: JSONResponse({}))

@@ -5,6 +5,7 @@ answers every error itself, so that layer only added a frame and a send wrapper 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,5 +27,7 @@ def _direct(handler: Handler) -> ASGIApp:
 
 class Endpoint(Route):
     def __init__(self, path: str, endpoint: Handler, **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            raise TypeError(f"{endpoint!r} must be an async function")
         super().__init__(path, endpoint, **kwargs)
         self.app = _direct(endpoint)
