@@ -184,3 +184,12 @@ async def test_a_writer_cancelled_mid_write_answers_503_not_cancelled(
         results = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(r, ServiceUnavailable) for r in results)  # a 503 with Retry-After, not a bare 500
     await writer.aclose()
+
+
+async def test_each_answer_comes_after_its_commit(db: asyncpg.Pool) -> None:
+    writer = SubmissionWriter(db)
+    submitting = [writer.submit(_lead(i), api_source="webform", payload={}) for i in range(30)]
+    for answered in asyncio.as_completed(submitting):
+        answer = await answered  # another connection sees the lead as soon as its answer is out
+        assert await db.fetchval("SELECT count(*) FROM leads WHERE lead_id = $1", answer.lead_id) == 1
+    await writer.aclose()
