@@ -226,10 +226,11 @@ def webhook_url_problem(url: str) -> str | None:
 
 
 def _load(argv_command: str) -> Settings:
-    """Settings from the environment, then a running `reactor dev`'s .reactor/dev.env, then .env."""
+    """Settings from the environment, then a running `reactor dev`'s .reactor/dev.env (unless the environment
+    names a database), then .env."""
     from reactor import devstack
 
-    overrides = {k: v for k, v in devstack.running_dev_env().items() if k not in os.environ}
+    overrides = devstack.dev_env_overrides(os.environ)
     if overrides:
         print(f"reactor {argv_command}: using the running reactor dev's settings ({devstack.DEV_ENV})", file=sys.stderr)
     return load_settings(Path(".env"), **overrides)
@@ -255,8 +256,7 @@ def _outage(exc: Exception) -> str | None:
     from reactor import devstack, doctor
 
     try:
-        overrides = {k: v for k, v in devstack.running_dev_env().items() if k not in os.environ}
-        settings = load_settings(Path(".env"), **overrides)
+        settings = load_settings(Path(".env"), **devstack.dev_env_overrides(os.environ))
     except SettingsError:
         return None
     return doctor.unreachable(exc, postgres_dsn=settings.postgres_dsn, redis_url=settings.redis_url,

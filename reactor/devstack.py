@@ -23,7 +23,8 @@ from typing import Any
 from dotenv import dotenv_values
 
 # What a running `reactor dev` tells a second terminal: every variable its processes run with. Commands run in the
-# same folder read it while that `reactor dev` is alive (its pid is in the file), under the environment, over .env.
+# same folder read it while that `reactor dev` is alive (its pid is in the file), under the environment, over .env,
+# unless the environment names a database of its own (see dev_env_overrides).
 DEV_ENV = Path(".reactor") / "dev.env"
 DEV_PID = "REACTOR_DEV_PID"
 
@@ -47,6 +48,15 @@ def running_dev_env(path: Path = DEV_ENV) -> dict[str, str]:
     except (ValueError, OSError):
         return {}
     return values
+
+
+def dev_env_overrides(environ: Mapping[str, str], path: Path = DEV_ENV) -> dict[str, str]:
+    """The running `reactor dev`'s variables that `environ` lacks; none at all when `environ` configures its own
+    PostgreSQL (DATABASE_URL or DB_HOST). A process set up by its environment (a test's `reactor web`, a deploy) is
+    then not half-configured by the dev stack: its Twenty, keys and secret would be the simulator's."""
+    if configured_postgres(environ):
+        return {}
+    return {name: value for name, value in running_dev_env(path).items() if name not in environ}
 
 
 @dataclass(frozen=True)

@@ -73,20 +73,31 @@ def mask(text: str) -> str:
     return _PHONE.sub(lambda m: "+" + "*" * (len(m.group(0)) - 3) + m.group(1), text)
 
 
+_PLAIN = logging.Formatter()
+
+
 class ContextFilter(logging.Filter):
-    """Adds request_id / job_id to every record, and masks personal data in its message."""
+    """Adds request_id / job_id to every record, and masks personal data in its message and its traceback."""
 
     def __init__(self, *, pii: bool) -> None:
         super().__init__()
-        self._pii = pii
+        self._mask = mask_secrets if pii else mask
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
         record.job_id = job_id.get()
         message = record.getMessage()
-        masked = mask_secrets(message) if self._pii else mask(message)
+        masked = self._mask(message)
         if masked != message:
             record.msg, record.args = masked, None
+        # An exception's text carries data too (asyncpg: `Key (email)=(ada@example.com) already exists`). It is
+        # formatted here, once, so every formatter prints the masked text that Formatter caches in exc_text.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._mask(record.stack_info)
         return True
 
 
@@ -102,7 +113,7 @@ class JsonFormatter(logging.Formatter):
             if value := getattr(record, key, None):
                 line[key] = value
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
 

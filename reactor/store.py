@@ -158,10 +158,21 @@ async def count_failed_jobs(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM failed_jobs WHERE replayed_at IS NULL"))
 
 
+# A page of leads shaped as get_lead shapes one. The page is chosen first, on the leads' own indexes, so the
+# follow-up lookup (follow_ups_person) runs once per lead shown rather than once per lead matched.
+_PAGE_WITH_FOLLOW_UP = """SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
+                  f.llm_used AS fu_llm_used, f.opened_at AS fu_opened_at
+           FROM ({page}) l
+           {follow_up_join}
+           ORDER BY l.seq DESC"""
+
+
 async def list_leads(conn: Conn, *, limit: int, before_seq: int | None) -> list[asyncpg.Record]:
-    """Newest first; `before_seq` is the cursor (the last seq of the previous page)."""
+    """Newest first, each with its person's latest follow-up as in get_lead; `before_seq` is the cursor (the last
+    seq of the previous page)."""
+    page = "SELECT * FROM leads WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2"
     return await conn.fetch(
-        "SELECT * FROM leads WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2",
+        _PAGE_WITH_FOLLOW_UP.format(page=page, follow_up_join=_FOLLOW_UP_JOIN),
         before_seq,
         limit,
     )
@@ -175,18 +186,17 @@ async def search_leads(
     name: str | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    """Leads matching every given criterion, newest first. `name` matches first, last or full name,
-    case-insensitively (each backed by an expression index)."""
+    """Leads matching every given criterion, newest first, each with its person's latest follow-up as in get_lead.
+    `name` matches first, last or full name, case-insensitively (each backed by an expression index)."""
+    page = """SELECT * FROM leads
+              WHERE ($1::text IS NULL OR email = $1)
+                AND ($2::text IS NULL OR phone = $2)
+                AND ($3::text IS NULL OR lower(first_name) = $3 OR lower(last_name) = $3
+                     OR lower(first_name || ' ' || last_name) = $3)
+              ORDER BY seq DESC
+              LIMIT $4"""
     return await conn.fetch(
-        """
-        SELECT * FROM leads
-        WHERE ($1::text IS NULL OR email = $1)
-          AND ($2::text IS NULL OR phone = $2)
-          AND ($3::text IS NULL OR lower(first_name) = $3 OR lower(last_name) = $3
-               OR lower(first_name || ' ' || last_name) = $3)
-        ORDER BY seq DESC
-        LIMIT $4
-        """,
+        _PAGE_WITH_FOLLOW_UP.format(page=page, follow_up_join=_FOLLOW_UP_JOIN),
         email,
         phone,
         name.lower() if name else None,

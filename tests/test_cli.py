@@ -383,6 +383,60 @@ def test_a_dashboard_link_names_the_url_it_is_given(
     assert token_source(link.partition("token=")[2], {"cli": SecretStr("k")}, now=time.time()) == "cli"
 
 
+# Neither command below reaches PostgreSQL or Redis: where they are is all the tests look at.
+DEV_DATABASE, OWN_DATABASE = "postgresql://postgres@127.0.0.1:1/dev", "postgresql://postgres@127.0.0.1:1/own"
+
+
+def _in_a_folder_with_a_running_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reactor setting in the environment; the folder's .reactor/dev.env written by a live process (this one)."""
+    from reactor import devstack
+    from reactor.settings import Settings
+
+    for field in Settings.model_fields.values():
+        monkeypatch.delenv(str(field.validation_alias), raising=False)
+    monkeypatch.chdir(tmp_path)
+    devstack.write_dev_env({"DATABASE_URL": DEV_DATABASE, "REDIS_URL": "redis://127.0.0.1:1/0",
+                            "LEAD_API_KEYS": "dev:devkey", "TWENTY_REST_URL": "http://twenty.dev.test/rest",
+                            "TWENTY_REST_TOKEN": "sim-token"})  # fmt: skip
+
+
+@pytest.mark.parametrize(("database", "value"), [("DATABASE_URL", OWN_DATABASE), ("DB_HOST", "127.0.0.1")])
+def test_a_process_configured_by_its_environment_takes_nothing_from_a_running_dev(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], database: str, value: str
+) -> None:
+    from reactor.cli import main
+
+    _in_a_folder_with_a_running_dev(tmp_path, monkeypatch)
+    # As the tests start `reactor web`: a database, Redis and keys of its own, and no Twenty.
+    monkeypatch.setenv(database, value)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:2/0")
+    monkeypatch.setenv("LEAD_API_KEYS", "cli:k")
+    with respx.mock(assert_all_mocked=True) as twenty:
+        assert main(["webhook", "status"]) == 2
+        assert twenty.calls.call_count == 0  # the simulator's URL and token were not picked up
+    err = capsys.readouterr().err
+    assert "TWENTY_REST_URL, TWENTY_REST_TOKEN: required by" in err
+    assert "reactor dev's settings" not in err
+
+
+def test_a_terminal_that_names_no_database_takes_a_running_dev_s_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from pydantic import SecretStr
+
+    from reactor.api.dashboard import token_source
+    from reactor.cli import main
+
+    _in_a_folder_with_a_running_dev(tmp_path, monkeypatch)
+    monkeypatch.setenv("LOG_FORMAT", "text")  # what the environment does set still wins over dev.env
+    assert main(["dashboard-link"]) == 0
+    out, err = capsys.readouterr()
+    assert token_source(out.strip().partition("token=")[2], {"dev": SecretStr("devkey")}, now=time.time()) == "dev"
+    assert "using the running reactor dev's settings" in err
+
+
 async def test_reactor_dev_fails_at_once_when_its_port_is_taken(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -290,6 +290,20 @@ async def test_search_returns_at_most_50_newest(client: httpx.AsyncClient) -> No
     assert leads[0]["email"] == "s54@example.com"
 
 
+async def test_list_and_search_show_the_follow_up_as_the_lead_itself_does(
+    client: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    lead_id = (await client.post("/leads", json=ADA)).json()["lead_id"]
+    await db.execute("UPDATE leads SET crm_person_id = 'person-ada', crm_synced = true WHERE lead_id = $1", lead_id)
+    await db.execute("INSERT INTO follow_ups (person_id, task_id, target_id, assignee_id, state, llm_used, opened_at) "
+                     "VALUES ('person-ada', 'task-ada', 'target-ada', 'member-1', 'open', false, now())")  # fmt: skip
+    shown = (await client.get(f"/leads/{lead_id}")).json()
+    assert shown["follow_up"]["task_id"] == "task-ada"
+    assert (await client.get("/leads")).json()["leads"] == [shown]
+    assert (await client.get("/leads/search", params={"email": "ada@example.com"})).json()["leads"] == [shown]
+    assert (await client.get("/leads/search", params={"name": "lovelace"})).json()["leads"] == [shown]
+
+
 async def test_search_needs_a_criterion_and_valid_values(client: httpx.AsyncClient) -> None:
     assert (await client.get("/leads/search")).status_code == 422
     response = await client.get("/leads/search", params={"phone": "12", "email": "nope"})

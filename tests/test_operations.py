@@ -4,6 +4,7 @@ and the worker's health check."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
@@ -144,6 +145,28 @@ def test_json_lines_carry_the_request_id_and_mask_unless_log_pii() -> None:
     plain = _record("email=%s", "grace@example.com")
     logs.ContextFilter(pii=True).filter(plain)
     assert json.loads(logs.JsonFormatter().format(plain))["msg"] == "email=grace@example.com"
+
+
+@pytest.mark.parametrize("formatter", [logs.JsonFormatter, logs.TextFormatter])
+def test_an_exception_s_text_is_masked_in_both_formats(formatter: type[logging.Formatter]) -> None:
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(formatter())
+    handler.addFilter(logs.ContextFilter(pii=False))
+    logger = logging.getLogger("reactor.test.exceptions")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        raise RuntimeError("DETAIL:  Key (email)=(grace.hopper@example.com) already exists; phone +14155552671")
+    except RuntimeError:
+        logger.exception("request.failed")
+    finally:
+        logger.removeHandler(handler)
+    text = written.getvalue()
+    assert "request.failed" in text
+    assert "RuntimeError: DETAIL:  Key (email)=(g***@e***.com)" in text
+    assert "grace.hopper@example.com" not in text
+    assert "+14155552671" not in text
 
 
 async def test_every_answer_carries_a_request_id(api: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
