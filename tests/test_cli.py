@@ -366,8 +366,10 @@ async def test_reactor_dev_reset_empties_the_state_it_would_keep_with_a_real_twe
 
 
 def test_a_dashboard_link_names_the_url_it_is_given(
-    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # A plain test (main() runs its own event loop), so no async fixture: the link reaches neither server.
+    database_url, redis_url = "postgresql://postgres@127.0.0.1:1/none", "redis://127.0.0.1:1/0"
     import time
 
     from pydantic import SecretStr
