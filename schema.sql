@@ -254,59 +254,34 @@ BEGIN
                        WHEN (SELECT count(*) FROM jsonb_object_keys(p_raw || l.raw)) <= p_raw_max_keys
                             AND octet_length((p_raw || l.raw)::text) <= p_raw_max_bytes THEN p_raw || l.raw
                        ELSE l.raw END,
-            version = l.version + CASE WHEN (l.email IS NULL AND p_email IS NOT NULL AND NOT EXISTS (SELECT 1 FROM leads o WHERE o.email = p_email)) OR
-                (l.phone IS NULL AND p_phone IS NOT NULL AND NOT EXISTS (SELECT 1 FROM leads o WHERE o.phone = p_phone)) OR
-                (l.first_name IS NULL AND p_first_name IS NOT NULL) OR
-                (l.last_name IS NULL AND p_last_name IS NOT NULL) OR
-                (l.street IS NULL AND p_street IS NOT NULL) OR
-                (l.city IS NULL AND p_city IS NOT NULL) OR
-                (l.state IS NULL AND p_state IS NOT NULL) OR
-                (l.postal_code IS NULL AND p_postal_code IS NOT NULL) OR
-                (l.country IS NULL AND p_country IS NOT NULL) OR
-                (l.vehicle_make IS NULL AND p_vehicle_make IS NOT NULL) OR
-                (l.vehicle_model IS NULL AND p_vehicle_model IS NOT NULL) OR
-                (l.vehicle_year IS NULL AND p_vehicle_year IS NOT NULL) OR
-                (l.employer IS NULL AND p_employer IS NOT NULL) OR
-                (l.job_title IS NULL AND p_job_title IS NOT NULL) OR
-                (l.employment_status IS NULL AND p_employment_status IS NOT NULL) OR
-                (l.years_employed IS NULL AND p_years_employed IS NOT NULL) OR
-                (l.current_credit IS NULL AND p_current_credit IS NOT NULL) OR
-                (l.consent IS NULL AND p_consent IS NOT NULL) OR
-                (l.source IS NULL AND p_source IS NOT NULL) OR
-                (l.utm_source IS NULL AND p_utm_source IS NOT NULL) OR
-                (l.utm_medium IS NULL AND p_utm_medium IS NOT NULL) OR
-                (l.utm_campaign IS NULL AND p_utm_campaign IS NOT NULL) OR
-                (l.utm_term IS NULL AND p_utm_term IS NOT NULL) OR
-                (l.utm_content IS NULL AND p_utm_content IS NOT NULL) OR
-                ((p_salary_min IS NOT NULL OR p_salary_max IS NOT NULL)
-                 AND (l.salary_min IS DISTINCT FROM p_salary_min OR l.salary_max IS DISTINCT FROM p_salary_max))
-                THEN 1 ELSE 0 END,
-            crm_synced = l.crm_synced AND NOT ((l.email IS NULL AND p_email IS NOT NULL AND NOT EXISTS (SELECT 1 FROM leads o WHERE o.email = p_email)) OR
-                (l.phone IS NULL AND p_phone IS NOT NULL AND NOT EXISTS (SELECT 1 FROM leads o WHERE o.phone = p_phone)) OR
-                (l.first_name IS NULL AND p_first_name IS NOT NULL) OR
-                (l.last_name IS NULL AND p_last_name IS NOT NULL) OR
-                (l.street IS NULL AND p_street IS NOT NULL) OR
-                (l.city IS NULL AND p_city IS NOT NULL) OR
-                (l.state IS NULL AND p_state IS NOT NULL) OR
-                (l.postal_code IS NULL AND p_postal_code IS NOT NULL) OR
-                (l.country IS NULL AND p_country IS NOT NULL) OR
-                (l.vehicle_make IS NULL AND p_vehicle_make IS NOT NULL) OR
-                (l.vehicle_model IS NULL AND p_vehicle_model IS NOT NULL) OR
-                (l.vehicle_year IS NULL AND p_vehicle_year IS NOT NULL) OR
-                (l.employer IS NULL AND p_employer IS NOT NULL) OR
-                (l.job_title IS NULL AND p_job_title IS NOT NULL) OR
-                (l.employment_status IS NULL AND p_employment_status IS NOT NULL) OR
-                (l.years_employed IS NULL AND p_years_employed IS NOT NULL) OR
-                (l.current_credit IS NULL AND p_current_credit IS NOT NULL) OR
-                (l.consent IS NULL AND p_consent IS NOT NULL) OR
-                (l.source IS NULL AND p_source IS NOT NULL) OR
-                (l.utm_source IS NULL AND p_utm_source IS NOT NULL) OR
-                (l.utm_medium IS NULL AND p_utm_medium IS NOT NULL) OR
-                (l.utm_campaign IS NULL AND p_utm_campaign IS NOT NULL) OR
-                (l.utm_term IS NULL AND p_utm_term IS NOT NULL) OR
-                (l.utm_content IS NULL AND p_utm_content IS NOT NULL) OR
-                ((p_salary_min IS NOT NULL OR p_salary_max IS NOT NULL)
-                 AND (l.salary_min IS DISTINCT FROM p_salary_min OR l.salary_max IS DISTINCT FROM p_salary_max))),
+            -- Whether the submission gained the lead anything: a new version, and pending again (computed once).
+            (version, crm_synced) = (SELECT l.version + gained::integer, l.crm_synced AND NOT gained
+                                     FROM (SELECT (l.email IS NULL AND p_email IS NOT NULL AND NOT EXISTS (SELECT 1 FROM leads o WHERE o.email = p_email)) OR
+                                           (l.phone IS NULL AND p_phone IS NOT NULL AND NOT EXISTS (SELECT 1 FROM leads o WHERE o.phone = p_phone)) OR
+                                           (l.first_name IS NULL AND p_first_name IS NOT NULL) OR
+                                           (l.last_name IS NULL AND p_last_name IS NOT NULL) OR
+                                           (l.street IS NULL AND p_street IS NOT NULL) OR
+                                           (l.city IS NULL AND p_city IS NOT NULL) OR
+                                           (l.state IS NULL AND p_state IS NOT NULL) OR
+                                           (l.postal_code IS NULL AND p_postal_code IS NOT NULL) OR
+                                           (l.country IS NULL AND p_country IS NOT NULL) OR
+                                           (l.vehicle_make IS NULL AND p_vehicle_make IS NOT NULL) OR
+                                           (l.vehicle_model IS NULL AND p_vehicle_model IS NOT NULL) OR
+                                           (l.vehicle_year IS NULL AND p_vehicle_year IS NOT NULL) OR
+                                           (l.employer IS NULL AND p_employer IS NOT NULL) OR
+                                           (l.job_title IS NULL AND p_job_title IS NOT NULL) OR
+                                           (l.employment_status IS NULL AND p_employment_status IS NOT NULL) OR
+                                           (l.years_employed IS NULL AND p_years_employed IS NOT NULL) OR
+                                           (l.current_credit IS NULL AND p_current_credit IS NOT NULL) OR
+                                           (l.consent IS NULL AND p_consent IS NOT NULL) OR
+                                           (l.source IS NULL AND p_source IS NOT NULL) OR
+                                           (l.utm_source IS NULL AND p_utm_source IS NOT NULL) OR
+                                           (l.utm_medium IS NULL AND p_utm_medium IS NOT NULL) OR
+                                           (l.utm_campaign IS NULL AND p_utm_campaign IS NOT NULL) OR
+                                           (l.utm_term IS NULL AND p_utm_term IS NOT NULL) OR
+                                           (l.utm_content IS NULL AND p_utm_content IS NOT NULL) OR
+                                           ((p_salary_min IS NOT NULL OR p_salary_max IS NOT NULL)
+                                            AND (l.salary_min IS DISTINCT FROM p_salary_min OR l.salary_max IS DISTINCT FROM p_salary_max)) AS gained) AS g),
             last_seen_at = now(),
             submission_count = l.submission_count + 1
             WHERE l.lead_id = v_id
