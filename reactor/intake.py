@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from reactor import outages, store
+from reactor import metrics, outages, store
 from reactor.errors import ServiceUnavailable
 from reactor.models import Lead, LeadIn
 
@@ -115,12 +115,14 @@ class SubmissionWriter:
         except Exception as exc:
             if len(batch) > 1 and outages.unavailable(exc) is None:
                 log.info("intake.batch_failed size=%d error=%s; writing each alone", len(batch), type(exc).__name__)
+                metrics.INTAKE_REWRITTEN.labels(type(exc).__name__).inc()
                 for waiting in batch:
                     await self._write([waiting])
                 return
             for waiting in batch:
                 _answer_failed(waiting, exc)
             return
+        metrics.INTAKE_BATCH.observe(len(batch))
         for waiting, (lead_id, created) in zip(batch, results, strict=True):
             if not waiting.answer.done():
                 waiting.answer.set_result(Submission(lead_id, created))

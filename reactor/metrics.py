@@ -19,6 +19,11 @@ REGISTRY = CollectorRegistry()
 
 LEADS = Counter("reactor_leads_received", "POST /leads by outcome (created, existing, rejected) and lead source",
                 ["outcome", "source"], registry=REGISTRY)  # fmt: skip
+INTAKE_BATCH = Histogram("reactor_intake_batch_size", "Submissions POST /leads wrote together in one statement",
+                         registry=REGISTRY, buckets=(1, 2, 5, 10, 25, 50, 100))  # fmt: skip
+INTAKE_REWRITTEN = Counter("reactor_intake_batches_rewritten",
+                           "Intake batches that failed and were written one by one, by error", ["error"],
+                           registry=REGISTRY)  # fmt: skip
 WEBHOOKS = Counter("reactor_webhook_events", "Twenty webhook deliveries by event name and outcome",
                    ["event", "outcome"], registry=REGISTRY)  # fmt: skip
 JOBS = Counter("reactor_jobs", "arq jobs by name and outcome (ok, retry, failed)", ["job", "outcome"],

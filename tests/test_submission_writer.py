@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 import pytest
 
-from reactor import outages, store
+from reactor import metrics, outages, store
 from reactor.devstack import free_port
 from reactor.errors import ServiceUnavailable
 from reactor.intake import Submission, SubmissionWriter
@@ -47,9 +47,11 @@ async def _submit_all(writer: SubmissionWriter, payloads: Sequence[Mapping[str, 
 
 
 async def test_submissions_that_arrive_together_are_written_together(db: asyncpg.Pool, batches: list[int]) -> None:
+    written_before = metrics.REGISTRY.get_sample_value("reactor_intake_batch_size_sum") or 0.0
     writer = SubmissionWriter(db)
     answers = await _submit_all(writer, [{"email": f"w{i}@example.com", "n": i} for i in range(50)])
     await writer.aclose()
+    assert metrics.REGISTRY.get_sample_value("reactor_intake_batch_size_sum") == written_before + 50
 
     assert all(isinstance(a, Submission) and a.created for a in answers)
     assert sum(batches) == 50
@@ -78,6 +80,8 @@ async def test_one_person_many_times_in_one_batch_is_one_lead(db: asyncpg.Pool, 
 async def test_a_submission_postgres_refuses_fails_alone(db: asyncpg.Pool, batches: list[int]) -> None:
     writer = SubmissionWriter(db)
     payloads: list[dict[str, Any]] = [{"email": f"w{i}@example.com"} for i in range(10)]
+    refused = {"error": "UntranslatableCharacterError"}
+    rewritten_before = metrics.REGISTRY.get_sample_value("reactor_intake_batches_rewritten_total", refused) or 0.0
     payloads[3]["note"] = "\x00"  # jsonb cannot hold a NUL (the edge refuses one first; here the store itself does)
     results = await _submit_all(writer, payloads)
     await writer.aclose()
@@ -85,6 +89,7 @@ async def test_a_submission_postgres_refuses_fails_alone(db: asyncpg.Pool, batch
     assert isinstance(results[3], asyncpg.PostgresError)
     assert all(isinstance(r, Submission) and r.created for i, r in enumerate(results) if i != 3)
     assert batches == [10] + [1] * 10  # the batch failed whole, then each went alone
+    assert metrics.REGISTRY.get_sample_value("reactor_intake_batches_rewritten_total", refused) == rewritten_before + 1
     assert await db.fetchval("SELECT count(*) FROM leads") == 9
     assert await db.fetchval("SELECT count(*) FROM lead_submissions") == 9
 
