@@ -119,6 +119,15 @@ async def upsert_leads(conn: Conn, submissions: Sequence[LeadSubmission]) -> lis
 
 _FOLLOW_UP_JOIN = """LEFT JOIN LATERAL (
                SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f ON true"""
+# A lead with its person's latest follow-up: the `fu_*` columns Lead.from_row reads.
+_LEAD_WITH_FOLLOW_UP = """l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
+                  f.llm_used AS fu_llm_used, f.opened_at AS fu_opened_at"""
+
+
+def _page_with_follow_up(page: str) -> str:
+    """A page of leads shaped as get_lead shapes one. The page is chosen first, on the leads' own indexes, so the
+    follow-up lookup (follow_ups_person) runs once per lead shown rather than once per lead matched."""
+    return f"SELECT {_LEAD_WITH_FOLLOW_UP} FROM ({page}) l {_FOLLOW_UP_JOIN} ORDER BY l.seq DESC"
 
 
 async def get_lead(conn: Conn, lead_id: str, *, api_source: str | None = None) -> asyncpg.Record | None:
@@ -127,8 +136,7 @@ async def get_lead(conn: Conn, lead_id: str, *, api_source: str | None = None) -
     `lead_id` is reactor's id or, when `api_source` is given, that source's own id for the lead; the source's
     id wins when both name a lead (a source looks its leads up by the ids it gave them)."""
     return await conn.fetchrow(
-        f"""SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
-                  f.llm_used AS fu_llm_used, f.opened_at AS fu_opened_at
+        f"""SELECT {_LEAD_WITH_FOLLOW_UP}
            FROM leads l
            {_FOLLOW_UP_JOIN}
            WHERE l.lead_id = (
@@ -144,11 +152,10 @@ async def get_lead(conn: Conn, lead_id: str, *, api_source: str | None = None) -
 async def latest_leads(conn: Conn, *, limit: int) -> list[asyncpg.Record]:
     """The newest leads with their person's latest follow-up (for the dashboard)."""
     return await conn.fetch(
-        """SELECT l.lead_id, l.first_name, l.last_name, l.email, l.created_at, l.crm_synced, l.suppressed,
+        f"""SELECT l.lead_id, l.first_name, l.last_name, l.email, l.created_at, l.crm_synced, l.suppressed,
                   l.sync_attempts, l.last_sync_error, f.state AS fu_state, f.assignee_id AS fu_assignee_id
            FROM leads l
-           LEFT JOIN LATERAL (SELECT * FROM follow_ups WHERE person_id = l.crm_person_id ORDER BY id DESC LIMIT 1) f
-                  ON true
+           {_FOLLOW_UP_JOIN}
            ORDER BY l.seq DESC LIMIT $1""",
         limit,
     )
@@ -158,24 +165,22 @@ async def count_failed_jobs(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM failed_jobs WHERE replayed_at IS NULL"))
 
 
-# A page of leads shaped as get_lead shapes one. The page is chosen first, on the leads' own indexes, so the
-# follow-up lookup (follow_ups_person) runs once per lead shown rather than once per lead matched.
-_PAGE_WITH_FOLLOW_UP = """SELECT l.*, f.task_id AS fu_task_id, f.assignee_id AS fu_assignee_id, f.state AS fu_state,
-                  f.llm_used AS fu_llm_used, f.opened_at AS fu_opened_at
-           FROM ({page}) l
-           {follow_up_join}
-           ORDER BY l.seq DESC"""
+_LIST = _page_with_follow_up("SELECT * FROM leads WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2")
 
 
 async def list_leads(conn: Conn, *, limit: int, before_seq: int | None) -> list[asyncpg.Record]:
     """Newest first, each with its person's latest follow-up as in get_lead; `before_seq` is the cursor (the last
     seq of the previous page)."""
-    page = "SELECT * FROM leads WHERE ($1::bigint IS NULL OR seq < $1) ORDER BY seq DESC LIMIT $2"
-    return await conn.fetch(
-        _PAGE_WITH_FOLLOW_UP.format(page=page, follow_up_join=_FOLLOW_UP_JOIN),
-        before_seq,
-        limit,
-    )
+    return await conn.fetch(_LIST, before_seq, limit)
+
+
+_SEARCH = _page_with_follow_up("""SELECT * FROM leads
+              WHERE ($1::text IS NULL OR email = $1)
+                AND ($2::text IS NULL OR phone = $2)
+                AND ($3::text IS NULL OR lower(first_name) = $3 OR lower(last_name) = $3
+                     OR lower(first_name || ' ' || last_name) = $3)
+              ORDER BY seq DESC
+              LIMIT $4""")
 
 
 async def search_leads(
@@ -188,15 +193,8 @@ async def search_leads(
 ) -> list[asyncpg.Record]:
     """Leads matching every given criterion, newest first, each with its person's latest follow-up as in get_lead.
     `name` matches first, last or full name, case-insensitively (each backed by an expression index)."""
-    page = """SELECT * FROM leads
-              WHERE ($1::text IS NULL OR email = $1)
-                AND ($2::text IS NULL OR phone = $2)
-                AND ($3::text IS NULL OR lower(first_name) = $3 OR lower(last_name) = $3
-                     OR lower(first_name || ' ' || last_name) = $3)
-              ORDER BY seq DESC
-              LIMIT $4"""
     return await conn.fetch(
-        _PAGE_WITH_FOLLOW_UP.format(page=page, follow_up_join=_FOLLOW_UP_JOIN),
+        _SEARCH,
         email,
         phone,
         name.lower() if name else None,
