@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -59,15 +60,11 @@ def authenticate(request: Request, keys: Mapping[str, SecretStr], *, basic: bool
     return source
 
 
-_DIGESTS: dict[int, tuple[Mapping[str, SecretStr], list[tuple[str, bytes]]]] = {}
+def _digests(keys: Mapping[str, SecretStr]) -> tuple[tuple[str, bytes], ...]:
+    return _digests_of(tuple((name, key.get_secret_value()) for name, key in keys.items()))
 
 
-def _digests(keys: Mapping[str, SecretStr]) -> list[tuple[str, bytes]]:
-    """The configured keys' digests, made once per mapping (settings are made once per process)."""
-    known = _DIGESTS.get(id(keys))
-    if known is None or known[0] is not keys:
-        known = keys, [(name, _digest(key.get_secret_value())) for name, key in keys.items()]
-        if len(_DIGESTS) >= 64:  # a process has one Settings; a test run makes many
-            _DIGESTS.clear()
-        _DIGESTS[id(keys)] = known
-    return known[1]
+@functools.lru_cache(maxsize=8)  # one per Settings: a process has one, a test run a few at a time
+def _digests_of(keys: tuple[tuple[str, str], ...]) -> tuple[tuple[str, bytes], ...]:
+    """The configured keys' digests, made once, not for every key on every request."""
+    return tuple((name, _digest(key)) for name, key in keys)
