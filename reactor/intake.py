@@ -7,7 +7,6 @@ import base64
 import binascii
 import collections
 import contextvars
-import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,8 +55,7 @@ class SubmissionWriter:
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._queue: collections.deque[_Waiting] = collections.deque()
-        self._in_flight = 0  # counted by the writers themselves: a finished task's done-callback comes too late
-        self._writers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.Task[None]] = set()  # in flight: each leaves it itself, see _write_queue
 
     async def submit(self, lead: LeadIn, *, api_source: str, payload: Mapping[str, Any]) -> Submission:
         """Store a lead, deduplicated (email, then phone, then the source's own id within that source)."""
@@ -70,7 +68,7 @@ class SubmissionWriter:
         )
         waiting = _Waiting(submission, asyncio.get_running_loop().create_future())
         self._queue.append(waiting)
-        if self._in_flight < self._max_in_flight:
+        if len(self._writers) < self._max_in_flight:
             self._start_writer()
         return await waiting.answer  # a request cancelled meanwhile still has its submission written
 
@@ -80,22 +78,19 @@ class SubmissionWriter:
             await asyncio.gather(*self._writers, return_exceptions=True)
 
     def _start_writer(self) -> None:
-        self._in_flight += 1
-        slot = _Slot(self)
         # A context of its own: the writer's log lines are not the request's that happened to start it.
-        writer = asyncio.create_task(self._write_queue(slot), context=contextvars.Context())
+        writer = asyncio.create_task(self._write_queue(), context=contextvars.Context())
         self._writers.add(writer)
-        writer.add_done_callback(functools.partial(self._writer_ended, slot))
+        writer.add_done_callback(self._writer_ended)
 
-    def _writer_ended(self, slot: _Slot, writer: asyncio.Task[None]) -> None:
-        self._writers.discard(writer)
-        slot.release()  # a writer cancelled before its first step never reached its own `finally`
-        if (writer.cancelled() or writer.exception() is not None) and not self._in_flight:
+    def _writer_ended(self, writer: asyncio.Task[None]) -> None:
+        self._writers.discard(writer)  # a writer cancelled before its first step never reached its own `finally`
+        if (writer.cancelled() or writer.exception() is not None) and not self._writers:
             # Ended early (cancelled, or a bug): what is still queued would wait for a writer that never comes.
             while self._queue:
                 _answer_failed(self._queue.popleft(), _interrupted())
 
-    async def _write_queue(self, slot: _Slot) -> None:
+    async def _write_queue(self) -> None:
         try:
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
@@ -106,7 +101,9 @@ class SubmissionWriter:
                         _answer_failed(waiting, _interrupted())
                     raise
         finally:
-            slot.release()  # no await since the queue was seen empty: nothing was queued meanwhile
+            # Here, with no await since the queue was seen empty, not in the done-callback: that runs only after
+            # the callers this writer answered have resumed, and one of them may submit again meanwhile.
+            self._writers.discard(asyncio.current_task())
 
     async def _write(self, batch: list[_Waiting]) -> None:
         try:
@@ -126,18 +123,6 @@ class SubmissionWriter:
         for waiting, (lead_id, created) in zip(batch, results, strict=True):
             if not waiting.answer.done():
                 waiting.answer.set_result(Submission(lead_id, created))
-
-
-class _Slot:
-    """A writer's place among the ones in flight, given back exactly once."""
-
-    def __init__(self, writer: SubmissionWriter) -> None:
-        self._writer: SubmissionWriter | None = writer
-
-    def release(self) -> None:
-        if self._writer is not None:
-            self._writer._in_flight -= 1
-            self._writer = None
 
 
 def _interrupted() -> ServiceUnavailable:
